@@ -1,0 +1,393 @@
+/* Batch codec: records -> segment blobs (protobuf + zstd) -> batches, and the strict
+ * decoder the receiver runs on untrusted bytes. */
+#include "cistern/codec.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <zstd.h>
+
+#include "cistern/err.h"
+
+#define AGENT_ID_MAX 128
+
+static int fail(char *why, size_t whylen, int code, const char *msg)
+{
+    if (why && whylen)
+        snprintf(why, whylen, "%s", msg);
+    return code;
+}
+
+int cis_segment_encode(const struct cis_record *recs, size_t n, uint32_t priority, int level,
+                       struct cis_segment *seg, uint8_t **data, size_t *data_len)
+{
+    Cistern__V1__SegmentBody body = CISTERN__V1__SEGMENT_BODY__INIT;
+    Cistern__V1__Record *rv = NULL, **rp = NULL;
+    uint8_t *raw = NULL, *z = NULL;
+    size_t raw_len, zcap, zlen;
+    int rc = CIS_ENOMEM;
+
+    *data = NULL;
+    *data_len = 0;
+    if (n == 0 || n > UINT32_MAX)
+        return CIS_EINVAL;
+    for (size_t i = 1; i < n; i++)
+        if (recs[i].seq != recs[0].seq + i)
+            return CIS_EINVAL;
+
+    rv = calloc(n, sizeof(*rv));
+    rp = calloc(n, sizeof(*rp));
+    if (!rv || !rp)
+        goto out;
+    for (size_t i = 0; i < n; i++) {
+        Cistern__V1__Record r = CISTERN__V1__RECORD__INIT;
+        r.seq = recs[i].seq;
+        r.ts_ms = recs[i].ts_ms;
+        /* protobuf-c's structs are not const-correct; packing only reads these. */
+        r.stream = (char *)(recs[i].stream ? recs[i].stream : "");
+        r.content_type = (char *)(recs[i].content_type ? recs[i].content_type : "");
+        r.payload.data = (uint8_t *)recs[i].payload;
+        r.payload.len = recs[i].payload_len;
+        rv[i] = r;
+        rp[i] = &rv[i];
+    }
+    body.n_records = n;
+    body.records = rp;
+
+    raw_len = cistern__v1__segment_body__get_packed_size(&body);
+    raw = malloc(raw_len ? raw_len : 1);
+    if (!raw)
+        goto out;
+    cistern__v1__segment_body__pack(&body, raw);
+
+    seg->first_seq = recs[0].seq;
+    seg->last_seq = recs[n - 1].seq;
+    seg->record_count = (uint32_t)n;
+    seg->priority = priority;
+    seg->raw_size = raw_len;
+    seg->data = NULL;
+    seg->data_len = 0;
+
+    zcap = ZSTD_compressBound(raw_len);
+    z = malloc(zcap);
+    if (!z)
+        goto out;
+    zlen = ZSTD_compress(z, zcap, raw, raw_len, level);
+    if (!ZSTD_isError(zlen) && zlen < raw_len) {
+        seg->compression = CISTERN__V1__COMPRESSION__COMPRESSION_ZSTD;
+        *data = z;
+        *data_len = zlen;
+        z = NULL;
+    } else {
+        seg->compression = CISTERN__V1__COMPRESSION__COMPRESSION_NONE;
+        *data = raw;
+        *data_len = raw_len;
+        raw = NULL;
+    }
+    rc = CIS_OK;
+out:
+    free(z);
+    free(raw);
+    free(rp);
+    free(rv);
+    return rc;
+}
+
+int cis_batch_encode(const struct cis_batch_meta *meta, const struct cis_segment *segs,
+                     size_t nseg, uint8_t **out, size_t *out_len)
+{
+    Cistern__V1__Batch batch = CISTERN__V1__BATCH__INIT;
+    Cistern__V1__BatchHeader hdr = CISTERN__V1__BATCH_HEADER__INIT;
+    Cistern__V1__Segment *sv = NULL, **sp = NULL;
+    uint8_t *buf = NULL;
+    size_t len;
+    uint64_t count = 0;
+    int rc = CIS_ENOMEM;
+
+    *out = NULL;
+    *out_len = 0;
+    if (nseg) {
+        sv = calloc(nseg, sizeof(*sv));
+        sp = calloc(nseg, sizeof(*sp));
+        if (!sv || !sp)
+            goto out;
+    }
+    hdr.agent_id = (char *)meta->agent_id;
+    hdr.epoch = meta->epoch;
+    for (size_t i = 0; i < nseg; i++) {
+        Cistern__V1__Segment s = CISTERN__V1__SEGMENT__INIT;
+        s.first_seq = segs[i].first_seq;
+        s.last_seq = segs[i].last_seq;
+        s.record_count = segs[i].record_count;
+        s.priority = segs[i].priority;
+        s.compression = segs[i].compression;
+        s.raw_size = segs[i].raw_size;
+        s.data.data = (uint8_t *)segs[i].data;
+        s.data.len = segs[i].data_len;
+        sv[i] = s;
+        sp[i] = &sv[i];
+        count += segs[i].record_count;
+        if (i == 0 || segs[i].first_seq < hdr.first_seq)
+            hdr.first_seq = segs[i].first_seq;
+        if (i == 0 || segs[i].last_seq > hdr.last_seq)
+            hdr.last_seq = segs[i].last_seq;
+    }
+    if (count > UINT32_MAX) {
+        rc = CIS_ETOOBIG;
+        goto out;
+    }
+    hdr.record_count = (uint32_t)count;
+    hdr.created_ms = meta->created_ms;
+    hdr.spool_depth = meta->spool_depth;
+    hdr.oldest_pending_ms = meta->oldest_pending_ms;
+    hdr.n_losses = meta->nlosses;
+    hdr.losses = (Cistern__V1__LossEntry **)meta->losses;
+    batch.header = &hdr;
+    batch.n_segments = nseg;
+    batch.segments = sp;
+
+    len = cistern__v1__batch__get_packed_size(&batch);
+    buf = malloc(len ? len : 1);
+    if (!buf)
+        goto out;
+    cistern__v1__batch__pack(&batch, buf);
+    *out = buf;
+    *out_len = len;
+    rc = CIS_OK;
+out:
+    free(sp);
+    free(sv);
+    return rc;
+}
+
+static int agent_id_ok(const char *id)
+{
+    size_t n = id ? strlen(id) : 0;
+    if (n == 0 || n > AGENT_ID_MAX)
+        return 0;
+    for (size_t i = 0; i < n; i++) {
+        char c = id[i];
+        if (!((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
+              c == '-' || c == '_' || c == '.' || c == ':' || c == '@'))
+            return 0;
+    }
+    return 1;
+}
+
+static int known_reason(const char *r)
+{
+    static const char *const reasons[] = {"evicted_full", "expired_ttl", "rejected",
+                                          "corrupt_spool", "tampered", NULL};
+    for (size_t i = 0; r && reasons[i]; i++)
+        if (strcmp(r, reasons[i]) == 0)
+            return 1;
+    return 0;
+}
+
+/* Validate a segment's header fields (no decompression). */
+static int segment_header_ok(const Cistern__V1__Segment *s, char *why, size_t whylen)
+{
+    if (s->first_seq == 0 || s->last_seq < s->first_seq)
+        return fail(why, whylen, CIS_EDECODE, "segment seq range is invalid");
+    if (s->record_count == 0 || s->last_seq - s->first_seq + 1 != s->record_count)
+        return fail(why, whylen, CIS_EDECODE, "segment record_count does not match its seq range");
+    if (s->compression != CISTERN__V1__COMPRESSION__COMPRESSION_NONE &&
+        s->compression != CISTERN__V1__COMPRESSION__COMPRESSION_ZSTD)
+        return fail(why, whylen, CIS_EDECODE, "segment compression is unknown");
+    if (s->compression == CISTERN__V1__COMPRESSION__COMPRESSION_NONE && s->data.len != s->raw_size)
+        return fail(why, whylen, CIS_EDECODE, "segment raw_size does not match its data");
+    return CIS_OK;
+}
+
+int cis_segment_decode(const struct cis_segment *seg, size_t max_raw, Cistern__V1__SegmentBody **body,
+                       char *why, size_t whylen)
+{
+    Cistern__V1__SegmentBody *b = NULL;
+    uint8_t *raw = NULL;
+    const uint8_t *src = seg->data;
+    size_t raw_len = seg->data_len;
+    int rc;
+
+    *body = NULL;
+    if (seg->raw_size > max_raw)
+        return fail(why, whylen, CIS_ETOOBIG, "segment decompressed size exceeds the limit");
+    if (seg->compression == CISTERN__V1__COMPRESSION__COMPRESSION_ZSTD) {
+        unsigned long long fcs = ZSTD_getFrameContentSize(seg->data, seg->data_len);
+        size_t got;
+        /* Check the frame's own declared size before allocating or decompressing. */
+        if (fcs == ZSTD_CONTENTSIZE_ERROR)
+            return fail(why, whylen, CIS_EDECODE, "segment is not a zstd frame");
+        if (fcs != ZSTD_CONTENTSIZE_UNKNOWN && fcs != seg->raw_size)
+            return fail(why, whylen, CIS_EDECODE, "segment raw_size does not match its zstd frame");
+        raw = malloc(seg->raw_size ? seg->raw_size : 1);
+        if (!raw)
+            return CIS_ENOMEM;
+        got = ZSTD_decompress(raw, seg->raw_size, seg->data, seg->data_len);
+        if (ZSTD_isError(got) || got != seg->raw_size) {
+            free(raw);
+            return fail(why, whylen, CIS_EDECODE, "segment does not decompress to raw_size bytes");
+        }
+        src = raw;
+        raw_len = got;
+    } else if (seg->compression != CISTERN__V1__COMPRESSION__COMPRESSION_NONE) {
+        return fail(why, whylen, CIS_EDECODE, "segment compression is unknown");
+    } else if (seg->data_len != seg->raw_size) {
+        return fail(why, whylen, CIS_EDECODE, "segment raw_size does not match its data");
+    }
+    b = cistern__v1__segment_body__unpack(NULL, raw_len, src);
+    free(raw);
+    if (!b)
+        return fail(why, whylen, CIS_EDECODE, "segment body is not valid protobuf");
+    if (b->n_records != seg->record_count) {
+        rc = fail(why, whylen, CIS_EDECODE, "segment holds a different number of records than declared");
+        goto bad;
+    }
+    for (size_t i = 0; i < b->n_records; i++) {
+        if (b->records[i]->seq != seg->first_seq + i) {
+            rc = fail(why, whylen, CIS_EDECODE, "segment records are not its seq range in order");
+            goto bad;
+        }
+    }
+    *body = b;
+    return CIS_OK;
+bad:
+    cistern__v1__segment_body__free_unpacked(b, NULL);
+    return rc;
+}
+
+static int cmp_seg_first(const void *a, const void *b)
+{
+    const Cistern__V1__Segment *x = *(Cistern__V1__Segment *const *)a;
+    const Cistern__V1__Segment *y = *(Cistern__V1__Segment *const *)b;
+    return x->first_seq < y->first_seq ? -1 : x->first_seq > y->first_seq;
+}
+
+int cis_batch_decode(const uint8_t *buf, size_t len, const struct cis_decode_limits *limits,
+                     struct cis_decoded_batch *out, char *why, size_t whylen)
+{
+    Cistern__V1__Batch *pb = NULL;
+    const Cistern__V1__BatchHeader *h;
+    Cistern__V1__Segment **sorted = NULL;
+    uint64_t total_raw = 0, total_records = 0;
+    int rc;
+
+    memset(out, 0, sizeof(*out));
+    pb = cistern__v1__batch__unpack(NULL, len, buf);
+    if (!pb)
+        return fail(why, whylen, CIS_EDECODE, "body is not a valid protobuf batch");
+    h = pb->header;
+    if (!h) {
+        rc = fail(why, whylen, CIS_EDECODE, "batch has no header");
+        goto bad;
+    }
+    if (!agent_id_ok(h->agent_id)) {
+        rc = fail(why, whylen, CIS_EDECODE, "agent_id is empty, too long or has characters outside [A-Za-z0-9._:@-]");
+        goto bad;
+    }
+    if (h->epoch == 0 || h->epoch > (uint64_t)INT64_MAX) {
+        rc = fail(why, whylen, CIS_EDECODE, "epoch must be between 1 and 2^63-1");
+        goto bad;
+    }
+    if (pb->n_segments == 0 && h->n_losses == 0) {
+        rc = fail(why, whylen, CIS_EDECODE, "batch has neither segments nor loss entries");
+        goto bad;
+    }
+    for (size_t i = 0; i < h->n_losses; i++) {
+        const Cistern__V1__LossEntry *l = h->losses[i];
+        if (!known_reason(l->reason) || l->last_seq < l->first_seq) {
+            rc = fail(why, whylen, CIS_EDECODE, "loss entry has an unknown reason or a bad seq range");
+            goto bad;
+        }
+    }
+    /* Limits first, from declared sizes, before any decompression. */
+    for (size_t i = 0; i < pb->n_segments; i++) {
+        const Cistern__V1__Segment *s = pb->segments[i];
+        rc = segment_header_ok(s, why, whylen);
+        if (rc)
+            goto bad;
+        total_raw += s->raw_size;
+        total_records += s->record_count;
+        if (total_raw > limits->max_decompressed) {
+            rc = fail(why, whylen, CIS_ETOOBIG, "decompressed size of the batch exceeds the limit");
+            goto bad;
+        }
+        if (total_records > limits->max_records) {
+            rc = fail(why, whylen, CIS_ETOOBIG, "too many records in the batch");
+            goto bad;
+        }
+    }
+    if (h->record_count != total_records) {
+        rc = fail(why, whylen, CIS_EDECODE, "header record_count does not match the segments");
+        goto bad;
+    }
+    if (pb->n_segments) {
+        sorted = malloc(pb->n_segments * sizeof(*sorted));
+        if (!sorted) {
+            rc = CIS_ENOMEM;
+            goto bad;
+        }
+        memcpy(sorted, pb->segments, pb->n_segments * sizeof(*sorted));
+        qsort(sorted, pb->n_segments, sizeof(*sorted), cmp_seg_first);
+        for (size_t i = 1; i < pb->n_segments; i++) {
+            if (sorted[i]->first_seq <= sorted[i - 1]->last_seq) {
+                rc = fail(why, whylen, CIS_EDECODE, "segments overlap");
+                goto bad;
+            }
+        }
+        if (h->first_seq != sorted[0]->first_seq ||
+            h->last_seq != sorted[pb->n_segments - 1]->last_seq) {
+            rc = fail(why, whylen, CIS_EDECODE, "header seq range does not match the segments");
+            goto bad;
+        }
+        free(sorted);
+        sorted = NULL;
+    }
+
+    out->segs = calloc(pb->n_segments ? pb->n_segments : 1, sizeof(*out->segs));
+    if (!out->segs) {
+        rc = CIS_ENOMEM;
+        goto bad;
+    }
+    out->pb = pb;
+    for (size_t i = 0; i < pb->n_segments; i++) {
+        const Cistern__V1__Segment *s = pb->segments[i];
+        struct cis_segment view = {
+            .first_seq = s->first_seq,
+            .last_seq = s->last_seq,
+            .record_count = s->record_count,
+            .priority = s->priority,
+            .compression = s->compression,
+            .raw_size = s->raw_size,
+            .data = s->data.data,
+            .data_len = s->data.len,
+        };
+        out->segs[i].seg = s;
+        rc = cis_segment_decode(&view, limits->max_decompressed, &out->segs[i].body, why, whylen);
+        if (rc)
+            goto bad_out;
+        out->nsegs = i + 1;
+    }
+    out->nrecords = total_records;
+    return CIS_OK;
+bad_out:
+    cis_batch_free(out);
+    return rc;
+bad:
+    free(sorted);
+    cistern__v1__batch__free_unpacked(pb, NULL);
+    memset(out, 0, sizeof(*out));
+    return rc;
+}
+
+void cis_batch_free(struct cis_decoded_batch *b)
+{
+    if (!b)
+        return;
+    for (size_t i = 0; i < b->nsegs; i++)
+        if (b->segs[i].body)
+            cistern__v1__segment_body__free_unpacked(b->segs[i].body, NULL);
+    free(b->segs);
+    if (b->pb)
+        cistern__v1__batch__free_unpacked(b->pb, NULL);
+    memset(b, 0, sizeof(*b));
+}

@@ -1,0 +1,91 @@
+/* Batch codec: records -> segment blobs (protobuf + zstd) -> batches, and the strict decoder
+ * the receiver runs on untrusted bytes. Encoding is kept apart from sending so tests can
+ * check the bytes without a network. */
+#ifndef CISTERN_CODEC_H
+#define CISTERN_CODEC_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "cistern.pb-c.h"
+
+#define CIS_BATCH_CONTENT_TYPE "application/vnd.cistern.batch.v1+protobuf"
+
+enum cis_priority { CIS_PRIO_HIGH = 0, CIS_PRIO_NORMAL = 1, CIS_PRIO_LOW = 2, CIS_PRIO_COUNT = 3 };
+
+/* One record, borrowed views (nothing here is owned). */
+struct cis_record {
+    uint64_t seq;
+    int64_t ts_ms;
+    const char *stream;       /* NUL-terminated */
+    const char *content_type; /* NUL-terminated or NULL */
+    const uint8_t *payload;
+    size_t payload_len;
+};
+
+/* A segment as stored in the spool and sent on the wire. */
+struct cis_segment {
+    uint64_t first_seq, last_seq; /* inclusive, contiguous */
+    uint32_t record_count;
+    uint32_t priority;
+    int compression;              /* CISTERN__V1__COMPRESSION__COMPRESSION_NONE / _ZSTD */
+    uint64_t raw_size;            /* serialized SegmentBody size */
+    const uint8_t *data;          /* borrowed */
+    size_t data_len;
+};
+
+/* Encode N records (seqs must be contiguous, ascending) into a segment blob.
+ * Compresses with zstd at LEVEL when that is smaller. On success *DATA is malloc'd
+ * (caller frees) and SEG's fields other than data/data_len are filled. */
+int cis_segment_encode(const struct cis_record *recs, size_t n, uint32_t priority, int level,
+                       struct cis_segment *seg, uint8_t **data, size_t *data_len);
+
+struct cis_batch_meta {
+    const char *agent_id;
+    uint64_t epoch;
+    int64_t created_ms;
+    uint64_t spool_depth;
+    int64_t oldest_pending_ms;
+    const Cistern__V1__LossEntry *const *losses; /* borrowed, may be NULL */
+    size_t nlosses;
+};
+
+/* Serialize a batch of NSEG segments (borrowed). *OUT is malloc'd, caller frees. */
+int cis_batch_encode(const struct cis_batch_meta *meta, const struct cis_segment *segs,
+                     size_t nseg, uint8_t **out, size_t *out_len);
+
+struct cis_decode_limits {
+    size_t max_decompressed; /* total serialized SegmentBody bytes in one batch */
+    size_t max_records;      /* records in one batch */
+};
+
+/* A decoded, validated batch. Owns everything below it. */
+struct cis_decoded_segment {
+    const Cistern__V1__Segment *seg;
+    Cistern__V1__SegmentBody *body;
+};
+struct cis_decoded_batch {
+    Cistern__V1__Batch *pb;
+    struct cis_decoded_segment *segs;
+    size_t nsegs;
+    size_t nrecords;
+};
+
+/* Decode untrusted bytes. Checks: header present, agent_id non-empty and printable,
+ * epoch non-zero, every segment's seq range consistent with its record count, records in
+ * each segment exactly first_seq..last_seq in order, declared raw sizes and actual
+ * decompressed sizes within LIMITS (checked before decompressing), record count within
+ * LIMITS. Returns 0, CIS_EDECODE (malformed), or CIS_ETOOBIG (a limit), with a short
+ * reason in WHY. On success the caller frees OUT with cis_batch_free(). */
+int cis_batch_decode(const uint8_t *buf, size_t len, const struct cis_decode_limits *limits,
+                     struct cis_decoded_batch *out, char *why, size_t whylen);
+
+/* Free what cis_batch_decode() made. Accepts a zeroed struct. */
+void cis_batch_free(struct cis_decoded_batch *b);
+
+/* Decode one segment blob as stored (used by tools and tests). Caller frees *BODY with
+ * cistern__v1__segment_body__free_unpacked(*body, NULL). */
+int cis_segment_decode(const struct cis_segment *seg, size_t max_raw, Cistern__V1__SegmentBody **body,
+                       char *why, size_t whylen);
+
+#endif

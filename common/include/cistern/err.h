@@ -1,0 +1,23 @@
+/* Status codes shared by every Cistern module: 0 is success, failures are negative. */
+#ifndef CISTERN_ERR_H
+#define CISTERN_ERR_H
+
+enum {
+    CIS_OK = 0,
+    CIS_ENOMEM = -1,   /* allocation failed */
+    CIS_EINVAL = -2,   /* bad argument or malformed input */
+    CIS_EIO = -3,      /* I/O or system call failed */
+    CIS_ECONFIG = -4,  /* configuration error (message carries file:line:col) */
+    CIS_EDECODE = -5,  /* bytes do not decode as a valid batch or segment */
+    CIS_ETOOBIG = -6,  /* a size limit was exceeded */
+    CIS_EFULL = -7,    /* disk or spool full */
+    CIS_ECORRUPT = -8, /* stored data failed an integrity check */
+    CIS_ENOTFOUND = -9,
+    CIS_EAGAIN = -10,  /* try again later */
+    CIS_EDB = -11,     /* database error other than full/corrupt */
+};
+
+/* A static, human-readable description of a CIS_E* code. Never NULL. */
+const char *cis_strerror(int code);
+
+#endif

@@ -1,0 +1,2 @@
+/* placeholder: being written */
+typedef int cis_placeholder_t;
