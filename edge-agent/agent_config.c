@@ -1,2 +1,160 @@
-/* placeholder: being written */
-typedef int cis_placeholder_t;
+/* The agent's config table: every key once, with its type, default and help. */
+#include "agent_config.h"
+
+#include <stddef.h>
+#include <stdio.h>
+#include <string.h>
+
+#include "cistern/err.h"
+
+static const char *const log_levels[] = {"debug", "info", "warn", "error", NULL};
+static const char *const input_types[] = {"socket", "demo", NULL};
+static const char *const priorities[] = {"high", "normal", "low", NULL};
+static const char *const syncs[] = {"normal", "full", NULL};
+static const char *const transports[] = {"https", NULL};
+
+#define IN(f) offsetof(struct agent_input_cfg, f)
+#define AC(f) offsetof(struct agent_config, f)
+
+static int input_check(void *obj, struct cis_cfg_report *r)
+{
+    struct agent_input_cfg *in = obj;
+    if (in->type == AGENT_INPUT_SOCKET && !in->path && !in->listen) {
+        cis_cfg_report_error(r, "type", "a socket input needs path (Unix socket) and/or listen (TCP)");
+        return 1;
+    }
+    if (in->type != AGENT_INPUT_SOCKET && (in->path || in->listen)) {
+        cis_cfg_report_error(r, in->path ? "path" : "listen", "only a socket input takes this key");
+        return 1;
+    }
+    if (in->type == AGENT_INPUT_DEMO && in->rate <= 0) {
+        cis_cfg_report_error(r, "rate", "a demo input needs a rate above 0");
+        return 1;
+    }
+    return 0;
+}
+
+static const struct cis_cfg_key input_keys[] = {
+    {.path = "name", .type = CIS_CFG_STRING, .offset = IN(name), .required = 1,
+     .help = "name of this input; the stream of its records"},
+    {.path = "type", .type = CIS_CFG_ENUM, .offset = IN(type), .required = 1,
+     .enum_values = input_types, .help = "socket | demo"},
+    {.path = "priority", .type = CIS_CFG_ENUM, .offset = IN(priority), .def = "normal",
+     .enum_values = priorities, .help = "high | normal | low: high goes out first"},
+    {.path = "content_type", .type = CIS_CFG_STRING, .offset = IN(content_type),
+     .help = "content type recorded with each record (optional)"},
+    {.path = "path", .type = CIS_CFG_STRING, .offset = IN(path),
+     .help = "socket: Unix stream socket path"},
+    {.path = "listen", .type = CIS_CFG_STRING, .offset = IN(listen),
+     .help = "socket: TCP listener host:port"},
+    {.path = "max_line", .type = CIS_CFG_SIZE, .offset = IN(max_line), .def = "64KiB",
+     .min = 16, .max = 64 << 20, .help = "socket: longest line accepted"},
+    {.path = "rate", .type = CIS_CFG_INT, .offset = IN(rate), .def = "10", .min = 0,
+     .max = 1000000, .help = "demo: records per second"},
+    {.path = "sensors", .type = CIS_CFG_INT, .offset = IN(sensors), .def = "4", .min = 1,
+     .max = 100000, .help = "demo: distinct sensor ids"},
+    {0},
+};
+
+static const struct cis_cfg_schema input_schema = {.keys = input_keys, .check = input_check};
+
+static int agent_check(void *obj, struct cis_cfg_report *r)
+{
+    struct agent_config *c = obj;
+    if (c->inputs.n == 0) {
+        cis_cfg_report_error(r, "inputs", "at least one input is needed");
+        return 1;
+    }
+    for (size_t i = 0; i < c->inputs.n; i++) {
+        for (size_t j = 0; j < i; j++) {
+            if (strcmp(agent_config_input(c, i)->name, agent_config_input(c, j)->name) == 0) {
+                char p[64];
+                snprintf(p, sizeof(p), "inputs[%zu].name", i);
+                cis_cfg_report_error(r, p, "\"%s\" is already the name of inputs[%zu]",
+                                     agent_config_input(c, i)->name, j);
+                return 1;
+            }
+        }
+    }
+    if (strncmp(c->url, "https://", 8) != 0) {
+        cis_cfg_report_error(r, "forward.url", "\"%s\" is not an https:// URL", c->url);
+        return 1;
+    }
+    if ((c->cert_file == NULL) != (c->key_file == NULL)) {
+        cis_cfg_report_error(r, c->cert_file ? "forward.tls.key_file" : "forward.tls.cert_file",
+                             "cert_file and key_file go together");
+        return 1;
+    }
+    if (c->retry_max_ms < c->retry_initial_ms) {
+        cis_cfg_report_error(r, "forward.retry.max", "must not be less than forward.retry.initial");
+        return 1;
+    }
+    return 0;
+}
+
+static const struct cis_cfg_key agent_keys[] = {
+    {.path = "agent.id", .type = CIS_CFG_STRING, .offset = AC(id), .required = 1,
+     .help = "this gateway's id; with mTLS, the CN of its certificate"},
+    {.path = "log.level", .type = CIS_CFG_ENUM, .offset = AC(log_level), .def = "info",
+     .enum_values = log_levels, .help = "debug | info | warn | error"},
+    {.path = "log.stats_interval", .type = CIS_CFG_DURATION, .offset = AC(stats_interval_ms),
+     .def = "0", .min = 0, .max = 86400000, .help = "log a counters line this often (0: never)"},
+    {.path = "spool.path", .type = CIS_CFG_STRING, .offset = AC(spool_path),
+     .def = "/var/lib/cistern/spool.db", .help = "SQLite spool database"},
+    {.path = "spool.sync", .type = CIS_CFG_ENUM, .offset = AC(sync), .def = "normal",
+     .enum_values = syncs, .help = "normal | full: sync every commit before answering OK"},
+    {.path = "spool.commit_interval", .type = CIS_CFG_DURATION, .offset = AC(commit_interval_ms),
+     .def = "200ms", .min = 1, .max = 60000, .help = "longest wait before a group commit"},
+    {.path = "spool.commit_max_records", .type = CIS_CFG_INT, .offset = AC(commit_max_records),
+     .def = "5000", .min = 1, .max = 1000000, .help = "commit as soon as this many records wait"},
+    {.path = "spool.commit_max_bytes", .type = CIS_CFG_SIZE, .offset = AC(commit_max_bytes),
+     .def = "1MiB", .min = 1024, .max = 256 << 20, .help = "commit as soon as this many payload bytes wait"},
+    {.path = "spool.compression_level", .type = CIS_CFG_INT, .offset = AC(compression_level),
+     .def = "3", .min = 1, .max = 19, .help = "zstd level for segments"},
+    {.path = "inputs", .type = CIS_CFG_MAPLIST, .offset = AC(inputs), .sub = &input_schema,
+     .item_size = sizeof(struct agent_input_cfg), .help = "where records come from"},
+    {.path = "forward.transport", .type = CIS_CFG_ENUM, .offset = AC(transport), .def = "https",
+     .enum_values = transports, .help = "https"},
+    {.path = "forward.url", .type = CIS_CFG_STRING, .offset = AC(url), .required = 1,
+     .help = "receiver ingest URL, https://host:port/v1/batches"},
+    {.path = "forward.tls.ca_file", .type = CIS_CFG_STRING, .offset = AC(ca_file),
+     .help = "CA bundle for the receiver's certificate (default: the system's)"},
+    {.path = "forward.tls.cert_file", .type = CIS_CFG_STRING, .offset = AC(cert_file),
+     .help = "client certificate (mTLS)"},
+    {.path = "forward.tls.key_file", .type = CIS_CFG_STRING, .offset = AC(key_file),
+     .help = "client private key (mTLS)"},
+    {.path = "forward.token", .type = CIS_CFG_STRING, .offset = AC(token),
+     .help = "bearer token (optional), e.g. ${CISTERN_TOKEN}"},
+    {.path = "forward.batch.max_records", .type = CIS_CFG_INT, .offset = AC(batch_max_records),
+     .def = "5000", .min = 1, .max = 1000000, .help = "records in one batch"},
+    {.path = "forward.batch.max_bytes", .type = CIS_CFG_SIZE, .offset = AC(batch_max_bytes),
+     .def = "1MiB", .min = 1024, .max = 256 << 20, .help = "stored segment bytes in one batch"},
+    {.path = "forward.batch.max_delay", .type = CIS_CFG_DURATION, .offset = AC(batch_max_delay_ms),
+     .def = "2s", .min = 0, .max = 3600000, .help = "longest wait for a batch to fill"},
+    {.path = "forward.in_flight", .type = CIS_CFG_INT, .offset = AC(in_flight), .def = "4",
+     .min = 1, .max = 64, .help = "batches sent concurrently"},
+    {.path = "forward.timeout", .type = CIS_CFG_DURATION, .offset = AC(timeout_ms), .def = "30s",
+     .min = 100, .max = 3600000, .help = "one request, connect to answer"},
+    {.path = "forward.retry.initial", .type = CIS_CFG_DURATION, .offset = AC(retry_initial_ms),
+     .def = "1s", .min = 1, .max = 3600000, .help = "first retry delay"},
+    {.path = "forward.retry.max", .type = CIS_CFG_DURATION, .offset = AC(retry_max_ms),
+     .def = "5m", .min = 1, .max = 86400000, .help = "longest retry delay after the receiver answered with an error"},
+    {.path = "forward.retry.unreachable_max", .type = CIS_CFG_DURATION,
+     .offset = AC(retry_unreachable_max_ms), .def = "2s", .min = 1, .max = 86400000,
+     .help = "longest delay between connection attempts while the receiver is unreachable"},
+    {.path = "forward.shutdown_timeout", .type = CIS_CFG_DURATION, .offset = AC(shutdown_timeout_ms),
+     .def = "5s", .min = 0, .max = 600000, .help = "on SIGTERM, wait this long for batches in flight"},
+    {0},
+};
+
+const struct cis_cfg_schema agent_config_schema = {.keys = agent_keys, .check = agent_check};
+
+int agent_config_load(const char *file, struct agent_config *cfg, char *err, size_t errlen)
+{
+    return cis_config_load(file, &agent_config_schema, cfg, err, errlen);
+}
+
+void agent_config_free(struct agent_config *cfg)
+{
+    cis_config_free(&agent_config_schema, cfg);
+}

@@ -1,2 +1,319 @@
-/* placeholder: being written */
-typedef int cis_placeholder_t;
+/* The forwarder: claims pending segments from the spool, sends them as batches through the
+ * transport, and deletes them only after the receiver has acknowledged its commit. */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "agent.h"
+#include "cistern/backoff.h"
+#include "cistern/err.h"
+#include "cistern/log.h"
+#include "spool.h"
+
+#define LEDGER_PER_BATCH 64
+
+struct slot {
+    int used;
+    uint64_t token;
+    uint64_t *first_seqs;
+    size_t nseg;
+    uint64_t nrecords;
+    uint64_t *ledger_ids;
+    size_t nledger;
+};
+
+struct agent_forwarder {
+    struct agent *a;
+    const struct agent_config *cfg;
+    struct agent_spool *spool;
+    const struct agent_transport_ops *tops;
+    void *t;
+    struct slot *slots;
+    size_t nslots, inflight;
+    uint64_t inflight_records;
+    uint64_t next_token;
+    struct cis_backoff bo;
+    int64_t retry_at;  /* monotonic; no new batch before it */
+    int64_t due_at;    /* monotonic; when unclaimed records must go out, -1 if none wait */
+    int failing;       /* the last attempt failed: one batch at a time until one gets through */
+    uint64_t failures; /* consecutive failed attempts */
+    int ledger_in_flight;
+};
+
+static void slot_clear(struct slot *s)
+{
+    free(s->first_seqs);
+    free(s->ledger_ids);
+    memset(s, 0, sizeof(*s));
+}
+
+static void on_sent(void *ctx, uint64_t token, const struct agent_send_result *r)
+{
+    struct agent_forwarder *f = ctx;
+    struct agent_counters *cnt = agent_counters(f->a);
+    struct slot *s = NULL;
+    int64_t now = cis_mono_ms();
+    int rc;
+
+    for (size_t i = 0; i < f->nslots; i++)
+        if (f->slots[i].used && f->slots[i].token == token)
+            s = &f->slots[i];
+    if (!s)
+        return;
+
+    if (r->status == 0) {
+        /* The receiver answered 2xx only after its store committed: now, and only now, the
+         * segments may leave the spool. */
+        rc = agent_spool_ack(f->spool, s->first_seqs, s->nseg);
+        if (rc)
+            cis_warn("[forward] acknowledged segments could not be deleted (%s): they will be "
+                     "sent again, and the receiver will drop the duplicates", cis_strerror(rc));
+        if (s->nledger)
+            agent_spool_ledger_mark_sent(f->spool, s->ledger_ids, s->nledger);
+        cnt->delivered += s->nrecords;
+        if (f->failing)
+            cis_info("[forward] delivering again after %llu failed attempt%s",
+                     (unsigned long long)f->failures, f->failures == 1 ? "" : "s");
+        f->failing = 0;
+        f->failures = 0;
+        cis_backoff_reset(&f->bo);
+    } else if (r->status == CIS_EAGAIN) {
+        int64_t delay = cis_backoff_next(&f->bo);
+        /* Unreachable (no HTTP answer): a connection attempt costs a down receiver nothing,
+         * so keep them short and resume within seconds of its return. An answer (5xx, 429)
+         * means it is up and struggling: back off in full, and honour Retry-After. */
+        if (r->code == 0 && delay > f->cfg->retry_unreachable_max_ms)
+            delay = f->cfg->retry_unreachable_max_ms;
+        if (r->retry_after_ms > delay)
+            delay = r->retry_after_ms;
+        agent_spool_release(f->spool, s->first_seqs, s->nseg);
+        if (f->retry_at < now + delay)
+            f->retry_at = now + delay;
+        f->due_at = now;
+        if (!f->failing)
+            cis_warn("[forward] cannot deliver: %s; retrying with backoff, records stay in the spool",
+                     r->reason);
+        else
+            cis_debug("[forward] retry failed: %s (next in %lld ms)", r->reason, (long long)delay);
+        f->failing = 1;
+        f->failures++;
+    } else {
+        /* A final 4xx: this batch will never be taken. Ledger it and move on, so one poison
+         * batch never blocks the queue. */
+        cis_warn("[forward] receiver rejected %llu records (seq %llu..): %s; recorded in the "
+                 "loss ledger", (unsigned long long)s->nrecords,
+                 (unsigned long long)(s->nseg ? s->first_seqs[0] : 0), r->reason);
+        if (s->nseg) {
+            rc = agent_spool_reject(f->spool, s->first_seqs, s->nseg, r->reason);
+            if (rc) {
+                cis_error("[forward] could not ledger the rejected batch (%s); it stays pending",
+                          cis_strerror(rc));
+                agent_spool_release(f->spool, s->first_seqs, s->nseg);
+            } else {
+                cnt->rejected += s->nrecords;
+            }
+        } else if (s->nledger) {
+            /* A batch of loss entries alone was refused: do not send them forever. */
+            agent_spool_ledger_mark_sent(f->spool, s->ledger_ids, s->nledger);
+        }
+        if (f->failing) {
+            f->failing = 0;
+            f->failures = 0;
+        }
+        cis_backoff_reset(&f->bo);
+    }
+    if (s->nledger)
+        f->ledger_in_flight = 0;
+    f->inflight--;
+    f->inflight_records -= s->nrecords;
+    slot_clear(s);
+}
+
+int agent_forwarder_create(struct agent *a, const struct agent_config *cfg,
+                           struct agent_spool *spool, struct agent_forwarder **out)
+{
+    struct agent_forwarder *f = calloc(1, sizeof(*f));
+    struct agent_spool_stats st;
+    int rc;
+    if (!f)
+        return CIS_ENOMEM;
+    f->a = a;
+    f->cfg = cfg;
+    f->spool = spool;
+    f->tops = &agent_transport_https;
+    f->nslots = (size_t)cfg->in_flight;
+    f->slots = calloc(f->nslots, sizeof(*f->slots));
+    if (!f->slots) {
+        free(f);
+        return CIS_ENOMEM;
+    }
+    cis_backoff_init(&f->bo, cfg->retry_initial_ms, cfg->retry_max_ms);
+    rc = f->tops->create(a, cfg, on_sent, f, &f->t);
+    if (rc) {
+        free(f->slots);
+        free(f);
+        return rc;
+    }
+    agent_spool_stats(spool, &st);
+    /* A backlog from before a restart goes out at once. */
+    f->due_at = st.pending_segments ? cis_mono_ms() : -1;
+    *out = f;
+    return 0;
+}
+
+/* Claim segments and loss entries and start one batch. Returns 1 if a batch was started. */
+static int start_batch(struct agent_forwarder *f, int64_t now, int with_segments)
+{
+    struct agent_spool_seg *segs = NULL;
+    struct cis_segment *views = NULL;
+    Cistern__V1__LossEntry *losses = NULL;
+    const Cistern__V1__LossEntry **lp = NULL;
+    struct agent_spool_stats st;
+    size_t nseg = 0, nloss = 0;
+    struct slot *slot = NULL;
+    uint8_t *body = NULL;
+    size_t body_len;
+    int started = 0, rc;
+
+    for (size_t i = 0; i < f->nslots && !slot; i++)
+        if (!f->slots[i].used)
+            slot = &f->slots[i];
+    if (!slot)
+        return 0;
+    if (with_segments) {
+        rc = agent_spool_claim(f->spool, (size_t)f->cfg->batch_max_records,
+                               (size_t)f->cfg->batch_max_bytes, &segs, &nseg);
+        if (rc) {
+            cis_warn("[forward] cannot read the spool: %s", cis_strerror(rc));
+            f->retry_at = now + 1000;
+            return 0;
+        }
+    }
+    if (!f->ledger_in_flight &&
+        agent_spool_ledger_unsent(f->spool, LEDGER_PER_BATCH, &losses, &nloss) != 0)
+        nloss = 0;
+    if (nseg == 0 && nloss == 0)
+        goto out;
+
+    agent_spool_stats(f->spool, &st);
+    slot->first_seqs = calloc(nseg ? nseg : 1, sizeof(uint64_t));
+    slot->ledger_ids = calloc(nloss ? nloss : 1, sizeof(uint64_t));
+    views = calloc(nseg ? nseg : 1, sizeof(*views));
+    lp = calloc(nloss ? nloss : 1, sizeof(*lp));
+    if (!slot->first_seqs || !slot->ledger_ids || !views || !lp)
+        goto fail;
+    for (size_t i = 0; i < nseg; i++) {
+        views[i] = segs[i].seg;
+        slot->first_seqs[i] = segs[i].seg.first_seq;
+        slot->nrecords += segs[i].seg.record_count;
+    }
+    for (size_t i = 0; i < nloss; i++) {
+        lp[i] = &losses[i];
+        slot->ledger_ids[i] = losses[i].id;
+    }
+    slot->nseg = nseg;
+    slot->nledger = nloss;
+    {
+        int64_t wall = cis_wall_ms();
+        struct cis_batch_meta meta = {
+            .agent_id = f->cfg->id,
+            .epoch = agent_spool_epoch(f->spool),
+            .created_ms = wall,
+            .spool_depth = st.pending_records,
+            .oldest_pending_ms = st.oldest_created_ms && wall > st.oldest_created_ms
+                                     ? wall - st.oldest_created_ms : 0,
+            .losses = lp,
+            .nlosses = nloss,
+        };
+        if (cis_batch_encode(&meta, views, nseg, &body, &body_len) != 0)
+            goto fail;
+    }
+    slot->used = 1;
+    slot->token = ++f->next_token;
+    f->inflight++;
+    f->inflight_records += slot->nrecords;
+    if (nloss)
+        f->ledger_in_flight = 1;
+    if (f->tops->send(f->t, body, body_len, slot->token) != 0) {
+        /* send() freed the body. */
+        f->inflight--;
+        f->inflight_records -= slot->nrecords;
+        if (nloss)
+            f->ledger_in_flight = 0;
+        goto fail;
+    }
+    started = 1;
+    goto out;
+fail:
+    if (nseg)
+        agent_spool_release(f->spool, slot->first_seqs, nseg);
+    slot_clear(slot);
+    f->retry_at = now + 1000;
+out:
+    free(views);
+    free(lp);
+    agent_spool_segs_free(segs, nseg);
+    agent_spool_ledger_free(losses, nloss);
+    return started;
+}
+
+int64_t agent_forwarder_tick(struct agent_forwarder *f, int64_t now, int draining)
+{
+    int64_t next = f->tops->tick(f->t, now);
+    struct agent_spool_stats st;
+
+    if (draining || now < f->retry_at)
+        return draining ? next : (next < 0 || f->retry_at < next ? f->retry_at : next);
+    while (f->inflight < (f->failing ? 1u : f->nslots)) {
+        uint64_t unclaimed;
+        agent_spool_stats(f->spool, &st);
+        unclaimed = st.pending_records - f->inflight_records;
+        if (st.pending_segments <= st.inflight_segments) {
+            /* Nothing left to claim; loss entries may still need a ride. */
+            f->due_at = -1;
+            if (st.ledger_unsent && !f->ledger_in_flight && f->inflight == 0)
+                start_batch(f, now, 0);
+            break;
+        }
+        if (unclaimed < (uint64_t)f->cfg->batch_max_records && (f->due_at < 0 || now < f->due_at))
+            break;
+        if (!start_batch(f, now, 1))
+            break;
+        agent_spool_stats(f->spool, &st);
+        /* What is left unclaimed now is a backlog: it is due at once. */
+        f->due_at = st.pending_segments > st.inflight_segments ? now : -1;
+    }
+    if (f->retry_at > now) /* a failed start: try again then, not in a busy loop */
+        return next < 0 || f->retry_at < next ? f->retry_at : next;
+    if (f->due_at >= 0 && f->inflight < (f->failing ? 1u : f->nslots) &&
+        (next < 0 || f->due_at < next))
+        next = f->due_at > now ? f->due_at : now + 1;
+    return next;
+}
+
+void agent_forwarder_notify(struct agent_forwarder *f, int64_t now)
+{
+    if (f->due_at < 0)
+        f->due_at = now + f->cfg->batch_max_delay_ms;
+}
+
+size_t agent_forwarder_in_flight(const struct agent_forwarder *f)
+{
+    return f->inflight;
+}
+
+void agent_forwarder_abort(struct agent_forwarder *f)
+{
+    f->tops->abort_all(f->t);
+}
+
+void agent_forwarder_destroy(struct agent_forwarder *f)
+{
+    if (!f)
+        return;
+    f->tops->destroy(f->t);
+    for (size_t i = 0; i < f->nslots; i++)
+        slot_clear(&f->slots[i]);
+    free(f->slots);
+    free(f);
+}

@@ -1,0 +1,120 @@
+/* The agent's event loop, ingest queue and plugin interfaces (inputs, transports).
+ * Everything runs on one thread: the loop owns the spool's only connection, so no SQLite
+ * write ever happens on a network callback thread. */
+#ifndef AGENT_H
+#define AGENT_H
+
+#include <poll.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "agent_config.h"
+#include "cistern/codec.h"
+
+struct agent;
+struct agent_spool;
+
+/* ---- event loop ---- */
+
+typedef void (*agent_fd_cb)(void *ctx, int fd, short revents);
+
+/* Watch FD for EVENTS (POLLIN/POLLOUT); CB runs on the loop thread. One watch per fd;
+ * watching an fd again replaces its events, callback and context. */
+int agent_loop_watch(struct agent *a, int fd, short events, agent_fd_cb cb, void *ctx);
+void agent_loop_unwatch(struct agent *a, int fd);
+
+/* ---- ingest: records from inputs, group-committed to the spool ---- */
+
+/* Called on the loop thread once the record's spool transaction has committed (STATUS 0, SEQ
+ * its seq) or failed (STATUS a CIS_E* code, nothing stored). */
+typedef void (*agent_ack_cb)(void *ctx, uint64_t token, int status, uint64_t seq);
+
+/* Queue one record for the next group commit. The payload is copied. ACK (may be NULL) is
+ * called exactly once for the record. Returns 0, or CIS_ENOMEM. */
+int agent_ingest_submit(struct agent *a, const struct agent_input_cfg *src, const uint8_t *payload,
+                        size_t len, agent_ack_cb ack, void *ctx, uint64_t token);
+
+/* True while the ingest queue is over its bound: inputs stop reading until it drains. */
+int agent_ingest_full(const struct agent *a);
+
+/* ---- inputs ---- */
+
+struct agent_input {
+    const struct agent_input_ops *ops;
+    const struct agent_input_cfg *cfg; /* borrowed from the config */
+    struct agent *agent;
+    void *priv;
+};
+
+struct agent_input_ops {
+    const char *name;
+    /* Open listeners etc. and register fds with the loop. */
+    int (*start)(struct agent_input *in);
+    /* Called every loop iteration; returns the next monotonic deadline (ms) it wants a call
+     * at, or -1. */
+    int64_t (*tick)(struct agent_input *in, int64_t now);
+    /* Stop taking new records (close listeners, stop reading); answers still owed are sent. */
+    void (*stop)(struct agent_input *in);
+    /* 1 when nothing is owed to sources any more (all answers written). */
+    int (*idle)(struct agent_input *in);
+    void (*destroy)(struct agent_input *in);
+};
+
+extern const struct agent_input_ops agent_input_socket;
+extern const struct agent_input_ops agent_input_demo;
+
+/* ---- transports ---- */
+
+/* The result of one send. */
+struct agent_send_result {
+    int status;          /* 0 delivered (2xx); CIS_EAGAIN retry; CIS_EINVAL rejected for good */
+    long code;           /* HTTP status, 0 on network error */
+    int64_t retry_after_ms; /* from Retry-After, or 0 */
+    char reason[256];    /* receiver's or transport's words */
+};
+
+typedef void (*agent_sent_cb)(void *ctx, uint64_t token, const struct agent_send_result *r);
+
+struct agent_transport_ops {
+    const char *name;
+    int (*create)(struct agent *a, const struct agent_config *cfg, agent_sent_cb cb, void *ctx,
+                  void **out);
+    /* Send BODY (takes ownership; freed by the transport). CB is called once, later, on the
+     * loop thread, with TOKEN. */
+    int (*send)(void *t, uint8_t *body, size_t len, uint64_t token);
+    /* Called every loop iteration; returns the next monotonic deadline it wants, or -1. */
+    int64_t (*tick)(void *t, int64_t now);
+    /* Abort every send still running (each gets its callback with CIS_EAGAIN). */
+    void (*abort_all)(void *t);
+    void (*destroy)(void *t);
+};
+
+extern const struct agent_transport_ops agent_transport_https;
+
+/* ---- forwarder ---- */
+
+struct agent_forwarder;
+
+int agent_forwarder_create(struct agent *a, const struct agent_config *cfg,
+                           struct agent_spool *spool, struct agent_forwarder **out);
+/* Start sends that are due; returns the next monotonic deadline (ms) or -1. With DRAINING,
+ * no new batch is started. */
+int64_t agent_forwarder_tick(struct agent_forwarder *f, int64_t now, int draining);
+/* New records were committed to the spool. */
+void agent_forwarder_notify(struct agent_forwarder *f, int64_t now);
+size_t agent_forwarder_in_flight(const struct agent_forwarder *f);
+/* Abort sends still in flight (their segments return to pending). */
+void agent_forwarder_abort(struct agent_forwarder *f);
+void agent_forwarder_destroy(struct agent_forwarder *f);
+
+struct agent_counters {
+    uint64_t produced;  /* records taken from inputs */
+    uint64_t spooled;   /* records committed to the spool */
+    uint64_t delivered; /* records acknowledged by the receiver */
+    uint64_t rejected;  /* records ledgered as rejected */
+    uint64_t refused;   /* records answered ERR (invalid, or could not be committed) */
+};
+
+struct agent_counters *agent_counters(struct agent *a);
+
+#endif

@@ -1,0 +1,69 @@
+/* The agent's configuration: one struct, filled from YAML by the table in agent_config.c. */
+#ifndef AGENT_CONFIG_H
+#define AGENT_CONFIG_H
+
+#include <stdint.h>
+
+#include "cistern/config.h"
+
+enum agent_input_type { AGENT_INPUT_SOCKET = 0, AGENT_INPUT_DEMO = 1 };
+enum agent_sync { AGENT_SYNC_NORMAL = 0, AGENT_SYNC_FULL = 1 };
+
+struct agent_input_cfg {
+    char *name;
+    int type;     /* enum agent_input_type */
+    int priority; /* enum cis_priority */
+    char *content_type;
+    /* socket */
+    char *path;
+    char *listen;
+    uint64_t max_line;
+    /* demo */
+    int64_t rate;
+    int64_t sensors;
+};
+
+struct agent_config {
+    char *id;
+    int log_level;
+    int64_t stats_interval_ms;
+
+    char *spool_path;
+    int sync; /* enum agent_sync */
+    int64_t commit_interval_ms;
+    int64_t commit_max_records;
+    uint64_t commit_max_bytes;
+    int64_t compression_level;
+
+    struct cis_maplist inputs; /* struct agent_input_cfg items */
+
+    int transport;
+    char *url;
+    char *ca_file;
+    char *cert_file;
+    char *key_file;
+    char *token;
+    int64_t batch_max_records;
+    uint64_t batch_max_bytes;
+    int64_t batch_max_delay_ms;
+    int64_t in_flight;
+    int64_t timeout_ms;
+    int64_t retry_initial_ms;
+    int64_t retry_max_ms;
+    int64_t retry_unreachable_max_ms;
+    int64_t shutdown_timeout_ms;
+};
+
+extern const struct cis_cfg_schema agent_config_schema;
+
+/* Load and check FILE into CFG (zeroed by the caller). Returns 0, or CIS_ECONFIG/CIS_EIO
+ * with "FILE:LINE:COL: key: what is wrong" in ERR. Free with agent_config_free(). */
+int agent_config_load(const char *file, struct agent_config *cfg, char *err, size_t errlen);
+void agent_config_free(struct agent_config *cfg);
+
+static inline struct agent_input_cfg *agent_config_input(const struct agent_config *cfg, size_t i)
+{
+    return &((struct agent_input_cfg *)cfg->inputs.items)[i];
+}
+
+#endif
