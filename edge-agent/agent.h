@@ -97,12 +97,15 @@ struct agent_forwarder;
 
 int agent_forwarder_create(struct agent *a, const struct agent_config *cfg,
                            struct agent_spool *spool, struct agent_forwarder **out);
-/* Start sends that are due; returns the next monotonic deadline (ms) or -1. With DRAINING,
- * no new batch is started. */
+/* Start sends that are due; returns the next monotonic deadline (ms) or -1. With DRAINING
+ * (shutdown), everything committed is due at once, until the receiver fails. */
 int64_t agent_forwarder_tick(struct agent_forwarder *f, int64_t now, int draining);
 /* New records were committed to the spool. */
 void agent_forwarder_notify(struct agent_forwarder *f, int64_t now);
 size_t agent_forwarder_in_flight(const struct agent_forwarder *f);
+/* 1 when nothing is in flight and there is nothing more to send now: the spool is empty, or
+ * the receiver is failing. Used to end a shutdown early. */
+int agent_forwarder_idle(const struct agent_forwarder *f);
 /* Abort sends still in flight (their segments return to pending). */
 void agent_forwarder_abort(struct agent_forwarder *f);
 void agent_forwarder_destroy(struct agent_forwarder *f);

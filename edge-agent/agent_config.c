@@ -143,7 +143,7 @@ static const struct cis_cfg_key agent_keys[] = {
      .offset = AC(retry_unreachable_max_ms), .def = "2s", .min = 1, .max = 86400000,
      .help = "longest delay between connection attempts while the receiver is unreachable"},
     {.path = "forward.shutdown_timeout", .type = CIS_CFG_DURATION, .offset = AC(shutdown_timeout_ms),
-     .def = "5s", .min = 0, .max = 600000, .help = "on SIGTERM, wait this long for batches in flight"},
+     .def = "5s", .min = 0, .max = 600000, .help = "on SIGTERM, keep delivering this long while the receiver takes batches"},
     {0},
 };
 

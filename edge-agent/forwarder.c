@@ -262,8 +262,14 @@ int64_t agent_forwarder_tick(struct agent_forwarder *f, int64_t now, int drainin
     int64_t next = f->tops->tick(f->t, now);
     struct agent_spool_stats st;
 
-    if (draining || now < f->retry_at)
-        return draining ? next : (next < 0 || f->retry_at < next ? f->retry_at : next);
+    /* Draining (shutdown): flush what is committed while the receiver takes it, but start
+     * nothing once it fails; the rest waits in the spool for the next start. */
+    if (draining && f->failing)
+        return next;
+    if (draining)
+        f->due_at = now;
+    if (now < f->retry_at)
+        return next < 0 || f->retry_at < next ? f->retry_at : next;
     while (f->inflight < (f->failing ? 1u : f->nslots)) {
         uint64_t unclaimed;
         agent_spool_stats(f->spool, &st);
@@ -300,6 +306,15 @@ void agent_forwarder_notify(struct agent_forwarder *f, int64_t now)
 size_t agent_forwarder_in_flight(const struct agent_forwarder *f)
 {
     return f->inflight;
+}
+
+int agent_forwarder_idle(const struct agent_forwarder *f)
+{
+    struct agent_spool_stats st;
+    if (f->inflight)
+        return 0;
+    agent_spool_stats(f->spool, &st);
+    return f->failing || (st.pending_segments == 0 && st.ledger_unsent == 0);
 }
 
 void agent_forwarder_abort(struct agent_forwarder *f)

@@ -273,8 +273,9 @@ static void usage(FILE *f)
             "  -h, --help               this help\n"
             "  -V, --version            print the version\n"
             "\n"
-            "Signals: SIGTERM/SIGINT stop inputs, commit, wait for batches in flight up to\n"
-            "forward.shutdown_timeout, and exit 0.\n");
+            "Signals: SIGTERM/SIGINT stop inputs, commit, keep delivering for up to\n"
+            "forward.shutdown_timeout while the receiver takes batches, and exit 0.\n"
+            "A second signal stops at once. What is not delivered stays in the spool.\n");
 }
 
 static int start_inputs(struct agent *a)
@@ -326,8 +327,8 @@ static int run(struct agent *a)
         int64_t now = cis_mono_ms(), deadline = -1;
 
         if (signals_seen && !draining) {
-            cis_info("[agent] stopping: inputs closed, committing, waiting up to %lld ms for "
-                     "batches in flight", (long long)a->cfg.shutdown_timeout_ms);
+            cis_info("[agent] stopping: inputs closed, committing, delivering for up to %lld ms",
+                     (long long)a->cfg.shutdown_timeout_ms);
             for (size_t i = 0; i < a->ninputs; i++)
                 a->inputs[i].ops->stop(&a->inputs[i]);
             draining = 1;
@@ -351,14 +352,15 @@ static int run(struct agent *a)
             deadline = min_deadline(deadline, next_stats);
         }
         if (draining) {
-            int idle = a->nrecs == 0 && agent_forwarder_in_flight(a->fwd) == 0;
+            int idle = a->nrecs == 0 && agent_forwarder_idle(a->fwd);
             for (size_t i = 0; i < a->ninputs && idle; i++)
                 idle = a->inputs[i].ops->idle(&a->inputs[i]);
             if (idle)
                 break;
             if (now >= drain_deadline) {
-                cis_warn("[agent] shutdown timeout: %zu batch(es) still in flight stay in the "
-                         "spool and go out after restart", agent_forwarder_in_flight(a->fwd));
+                cis_warn("[agent] shutdown timeout: %zu batch(es) in flight and whatever is still "
+                         "pending stay in the spool and go out after the next start",
+                         agent_forwarder_in_flight(a->fwd));
                 agent_forwarder_abort(a->fwd);
                 break;
             }
