@@ -1,0 +1,796 @@
+"""Shared harness for Cistern's integration tests (and the quick-start demo).
+
+Python 3 standard library only. It starts real cistern-receiver and cistern-agent
+processes on free loopback ports, with TLS material from a throwaway CA made with the
+`openssl` CLI, and gives the tests ways to feed the agent's socket input, read the
+receiver's API and store database, and read the agent's spool database.
+
+Nothing here asserts on timing: every wait has a generous deadline and only fails when
+the condition is still false at the deadline (machines running the tests are shared).
+"""
+
+import atexit
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import traceback
+import urllib.error
+import urllib.request
+
+# Every wait in the tests is bounded by this many seconds unless said otherwise.
+# CISTERN_TEST_TIMEOUT_SCALE stretches them on very slow machines (e.g. sanitizer builds).
+SCALE = float(os.environ.get("CISTERN_TEST_TIMEOUT_SCALE", "1"))
+DEFAULT_WAIT = 60.0 * SCALE
+
+_live_procs = []  # every Proc started, so atexit can kill what is still running
+
+
+def _kill_all_live():
+    for p in list(_live_procs):
+        try:
+            p.kill9()
+        except Exception:
+            pass
+
+
+atexit.register(_kill_all_live)
+
+
+def _on_signal(signum, frame):
+    _kill_all_live()
+    sys.exit(128 + signum)
+
+
+# ctest kills a test on TIMEOUT with SIGTERM/SIGKILL; make SIGTERM/SIGINT clean up children.
+for _s in (signal.SIGTERM, signal.SIGINT):
+    try:
+        signal.signal(_s, _on_signal)
+    except (ValueError, OSError):  # not in the main thread
+        pass
+
+
+class TestFailure(AssertionError):
+    pass
+
+
+def check(cond, msg):
+    if not cond:
+        raise TestFailure(msg)
+
+
+def log(msg):
+    sys.stdout.write("[%s] %s\n" % (time.strftime("%H:%M:%S"), msg))
+    sys.stdout.flush()
+
+
+def free_port():
+    """A loopback TCP port nobody listens on right now (bind to port 0, then release)."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+    finally:
+        s.close()
+
+
+def wait_until(pred, timeout=None, what="condition", interval=0.1, alive=None):
+    """Poll pred() until it returns a truthy value; return that value.
+
+    alive: optional callable run on each poll that raises when a process the caller
+    depends on has died (so a crash fails fast instead of waiting out the deadline).
+    """
+    timeout = DEFAULT_WAIT if timeout is None else timeout * SCALE
+    deadline = time.monotonic() + timeout
+    last_exc = None
+    while True:
+        if alive is not None:
+            alive()
+        try:
+            v = pred()
+            if v:
+                return v
+            last_exc = None
+        except TestFailure:
+            raise
+        except Exception as e:  # e.g. DB not created yet, connection refused
+            last_exc = e
+        if time.monotonic() >= deadline:
+            extra = (" (last error: %r)" % (last_exc,)) if last_exc else ""
+            raise TestFailure("timed out after %.0fs waiting for %s%s" % (timeout, what, extra))
+        time.sleep(interval)
+
+
+def u64(v):
+    """Normalize an epoch as stored by SQLite (signed INTEGER, or decimal TEXT) to 0..2^64-1."""
+    if isinstance(v, bytes):
+        v = v.decode()
+    v = int(v)
+    return v + (1 << 64) if v < 0 else v
+
+
+def as_bytes(v):
+    if v is None:
+        return None
+    if isinstance(v, str):
+        return v.encode("utf-8")
+    return bytes(v)
+
+
+# ---------------------------------------------------------------------------------------
+# YAML (only what our configs need: nested maps, lists of maps, scalars)
+
+_PLAIN = re.compile(r"^[A-Za-z0-9_./:@+-]+$")
+_YAML_SPECIAL = {"true", "false", "yes", "no", "on", "off", "null", "~", "y", "n"}
+
+
+def _scalar(v):
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return str(v)
+    s = str(v)
+    if _PLAIN.match(s) and s.lower() not in _YAML_SPECIAL and not s.startswith("-"):
+        return s
+    return json.dumps(s)  # a JSON string is a valid YAML double-quoted scalar
+
+
+def to_yaml(obj, indent=0):
+    sp = "  " * indent
+    out = []
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            if isinstance(v, (dict, list)) and v:
+                out.append("%s%s:" % (sp, k))
+                out.append(to_yaml(v, indent + 1))
+            elif isinstance(v, list):
+                out.append("%s%s: []" % (sp, k))
+            else:
+                out.append("%s%s: %s" % (sp, k, _scalar(v)))
+    elif isinstance(obj, list):
+        for item in obj:
+            if isinstance(item, dict):
+                sub = to_yaml(item, indent + 1).split("\n")
+                out.append("%s- %s" % (sp, sub[0].lstrip()))
+                out.extend(sub[1:])
+            else:
+                out.append("%s- %s" % (sp, _scalar(item)))
+    else:
+        out.append(sp + _scalar(obj))
+    return "\n".join(out)
+
+
+def deep_merge(base, over):
+    """Return base updated recursively with over (a value of None deletes the key)."""
+    res = dict(base)
+    for k, v in (over or {}).items():
+        if v is None:
+            res.pop(k, None)
+        elif isinstance(v, dict) and isinstance(res.get(k), dict):
+            res[k] = deep_merge(res[k], v)
+        else:
+            res[k] = v
+    return res
+
+
+# ---------------------------------------------------------------------------------------
+# Processes
+
+class ProcessDied(TestFailure):
+    pass
+
+
+class Proc:
+    """One binary run; stdout+stderr go (appended) to a log file in the temp dir."""
+
+    def __init__(self, name, argv, log_path, env=None):
+        self.name = name
+        self.argv = argv
+        self.log_path = log_path
+        self.env = env
+        self.popen = None
+        self.expect_running = False
+        self.starts = 0
+
+    def start(self):
+        check(not self.running(), "%s already running" % self.name)
+        self.starts += 1
+        with open(self.log_path, "ab") as f:
+            f.write(("=== %s start #%d: %s\n" % (time.strftime("%H:%M:%S"), self.starts,
+                                                  " ".join(self.argv))).encode())
+            f.flush()
+            self.popen = subprocess.Popen(self.argv, stdout=f, stderr=subprocess.STDOUT,
+                                          stdin=subprocess.DEVNULL, env=self.env,
+                                          start_new_session=True)
+        self.expect_running = True
+        if self not in _live_procs:
+            _live_procs.append(self)
+        return self
+
+    @property
+    def pid(self):
+        return self.popen.pid if self.popen else None
+
+    def running(self):
+        return self.popen is not None and self.popen.poll() is None
+
+    def check_alive(self):
+        if self.expect_running and self.popen is not None and self.popen.poll() is not None:
+            self.expect_running = False
+            raise ProcessDied("%s exited unexpectedly with status %s (log: %s)"
+                              % (self.name, self.popen.returncode, self.log_path))
+
+    def stop(self, sig=signal.SIGTERM, timeout=30.0):
+        """Send sig and wait for exit; returns the exit status. SIGKILL after timeout."""
+        self.expect_running = False
+        if self.popen is None:
+            return None
+        if self.popen.poll() is None:
+            try:
+                os.kill(self.popen.pid, sig)
+            except ProcessLookupError:
+                pass
+            try:
+                self.popen.wait(timeout * SCALE)
+            except subprocess.TimeoutExpired:
+                self.kill9()
+                raise TestFailure("%s did not exit within %.0fs of signal %d"
+                                  % (self.name, timeout * SCALE, sig))
+        return self.popen.returncode
+
+    def kill9(self):
+        self.expect_running = False
+        if self.popen is not None and self.popen.poll() is None:
+            try:
+                os.kill(self.popen.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.popen.wait()
+
+    def log_text(self):
+        try:
+            with open(self.log_path, "rb") as f:
+                return f.read().decode("utf-8", "replace")
+        except OSError:
+            return ""
+
+    def tail(self, n=50):
+        return "\n".join(self.log_text().splitlines()[-n:])
+
+
+# ---------------------------------------------------------------------------------------
+# Harness: one temp dir, one CA, any number of receivers and agents
+
+class Harness:
+    def __init__(self, name, agent_bin=None, receiver_bin=None, keep=None):
+        self.name = name
+        self.agent_bin = agent_bin
+        self.receiver_bin = receiver_bin
+        base = os.environ.get("CISTERN_TEST_TMPDIR") or None
+        self.tmp = tempfile.mkdtemp(prefix="cistern-%s-" % name, dir=base)
+        self.keep = (os.environ.get("CISTERN_KEEP_TMP") == "1") if keep is None else keep
+        self.procs = []
+        self._pki = False
+        atexit.register(self.cleanup)
+
+    def path(self, *parts):
+        return os.path.join(self.tmp, *parts)
+
+    # -- PKI ------------------------------------------------------------------------
+    def _openssl(self, *args):
+        r = subprocess.run(["openssl"] + list(args), cwd=self.tmp, stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT)
+        if r.returncode != 0:
+            raise TestFailure("openssl %s failed:\n%s" % (" ".join(args), r.stdout.decode()))
+
+    def _key(self, path):
+        self._openssl("genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256",
+                      "-out", path)
+        os.chmod(path, 0o600)
+
+    def make_pki(self):
+        """Throwaway CA, and a server certificate for localhost / 127.0.0.1."""
+        if self._pki:
+            return
+        pki = self.path("pki")
+        os.makedirs(pki, exist_ok=True)
+        with open(os.path.join(pki, "ext.cnf"), "w") as f:
+            f.write("[req]\ndistinguished_name=dn\n[dn]\n"
+                    "[v3_ca]\nbasicConstraints=critical,CA:TRUE\n"
+                    "keyUsage=critical,keyCertSign,cRLSign\n"
+                    "subjectKeyIdentifier=hash\n"
+                    "[server]\nbasicConstraints=critical,CA:FALSE\n"
+                    "keyUsage=critical,digitalSignature\n"
+                    "extendedKeyUsage=serverAuth\n"
+                    "subjectAltName=IP:127.0.0.1,DNS:localhost\n"
+                    "subjectKeyIdentifier=hash\nauthorityKeyIdentifier=keyid\n"
+                    "[client]\nbasicConstraints=critical,CA:FALSE\n"
+                    "keyUsage=critical,digitalSignature\n"
+                    "extendedKeyUsage=clientAuth\n"
+                    "subjectKeyIdentifier=hash\nauthorityKeyIdentifier=keyid\n")
+        self.ca_cert = os.path.join(pki, "ca.pem")
+        self.ca_key = os.path.join(pki, "ca.key")
+        self._key(self.ca_key)
+        self._openssl("req", "-x509", "-new", "-key", self.ca_key, "-subj", "/CN=cistern-test-ca",
+                      "-days", "3", "-config", "pki/ext.cnf", "-extensions", "v3_ca",
+                      "-out", self.ca_cert)
+        self.server_cert, self.server_key = self._leaf("server", "localhost", "server")
+        self._pki = True
+
+    def _leaf(self, fname, cn, profile):
+        pki = self.path("pki")
+        key = os.path.join(pki, fname + ".key")
+        csr = os.path.join(pki, fname + ".csr")
+        crt = os.path.join(pki, fname + ".pem")
+        self._key(key)
+        self._openssl("req", "-new", "-key", key, "-subj", "/CN=" + cn, "-config", "pki/ext.cnf",
+                      "-out", csr)
+        self._openssl("x509", "-req", "-in", csr, "-CA", self.ca_cert, "-CAkey", self.ca_key,
+                      "-CAcreateserial", "-days", "3", "-sha256", "-extfile", "pki/ext.cnf",
+                      "-extensions", profile, "-out", crt)
+        return crt, key
+
+    def client_cert(self, cn):
+        """(cert, key) for a client certificate with this CN, signed by the test CA."""
+        self.make_pki()
+        safe = re.sub(r"[^A-Za-z0-9_.-]", "_", cn)
+        return self._leaf("client-" + safe, cn, "client")
+
+    # -- processes ------------------------------------------------------------------
+    def add_proc(self, name, argv):
+        p = Proc(name, argv, self.path(name + ".log"))
+        self.procs.append(p)
+        return p
+
+    def check_alive(self):
+        for p in self.procs:
+            p.check_alive()
+
+    def wait(self, pred, timeout=None, what="condition", interval=0.1):
+        return wait_until(pred, timeout, what, interval, alive=self.check_alive)
+
+    def dump_logs(self, n=50):
+        for p in self.procs:
+            sys.stdout.write("----- last %d lines of %s -----\n%s\n" % (n, p.log_path, p.tail(n)))
+        sys.stdout.flush()
+
+    def cleanup(self):
+        for p in self.procs:
+            try:
+                p.kill9()
+            except Exception:
+                pass
+        if self.tmp and os.path.isdir(self.tmp):
+            if self.keep:
+                log("keeping temp dir %s" % self.tmp)
+            else:
+                shutil.rmtree(self.tmp, ignore_errors=True)
+        self.tmp = self.tmp if self.keep else None
+
+    # -- components -----------------------------------------------------------------
+    def receiver(self, name="receiver", **kw):
+        return Receiver(self, name, **kw)
+
+    def agent(self, name, agent_id, receiver, **kw):
+        return Agent(self, name, agent_id, receiver, **kw)
+
+
+def http_get_json(url, timeout=10.0):
+    req = urllib.request.Request(url, headers={"Accept": "application/json"})
+    with urllib.request.urlopen(req, timeout=timeout) as r:
+        return json.loads(r.read().decode("utf-8"))
+
+
+def ro_connect(path):
+    """A read-only SQLite connection (the writer keeps WAL mode; we never write)."""
+    con = sqlite3.connect("file:%s?mode=ro" % path, uri=True, timeout=10.0)
+    con.execute("PRAGMA busy_timeout=10000")
+    return con
+
+
+class Receiver:
+    def __init__(self, h, name="receiver", limits=None, extra=None, log_level="info", port=None,
+                 api_port=None):
+        self.h = h
+        self.name = name
+        h.make_pki()
+        self.port = port or free_port()
+        self.api_port = api_port or free_port()
+        self.db_path = h.path(name + "-store.db")
+        cfg = {
+            "log": {"level": log_level},
+            "listen": {
+                "http": "127.0.0.1:%d" % self.port,
+                "tls": {"cert_file": h.server_cert, "key_file": h.server_key,
+                        "client_ca_file": h.ca_cert},
+                "api": "127.0.0.1:%d" % self.api_port,
+            },
+            "store": {"type": "sqlite", "path": self.db_path},
+            "limits": deep_merge({"max_body": "8MiB", "max_decompressed": "64MiB",
+                                  "max_records": 100000, "max_connections": 64,
+                                  "connection_timeout": "30s"}, limits or {}),
+        }
+        cfg = deep_merge(cfg, extra)
+        self.config = cfg
+        self.config_path = h.path(name + ".yaml")
+        with open(self.config_path, "w") as f:
+            f.write("# written by cistern_harness\n" + to_yaml(cfg) + "\n")
+        self.url = "https://127.0.0.1:%d/v1/batches" % self.port
+        self.api = "http://127.0.0.1:%d" % self.api_port
+        self.proc = h.add_proc(name, [h.receiver_bin, "--config", self.config_path])
+
+    def start(self, wait=True):
+        self.proc.start()
+        if wait:
+            self.wait_ready()
+        return self
+
+    def wait_ready(self, timeout=None):
+        def ok():
+            return http_get_json(self.api + "/healthz", timeout=2).get("status") == "ok"
+        self.h.wait(ok, timeout, "%s /healthz on %s" % (self.name, self.api))
+
+    def stop(self, sig=signal.SIGTERM):
+        return self.proc.stop(sig)
+
+    def get(self, path):
+        return http_get_json(self.api + path)
+
+    def agents(self):
+        return {a["id"]: a for a in self.get("/v1/agents")["agents"]}
+
+    def api_records(self, agent_id, limit=1000, epoch=None):
+        """All records of an agent through the paged read API."""
+        out = []
+        after = 0
+        while True:
+            q = "/v1/agents/%s/records?after=%d&limit=%d" % (
+                urllib.request.quote(agent_id, safe=""), after, limit)
+            if epoch is not None:
+                q += "&epoch=%d" % epoch
+            page = self.get(q)
+            recs = page["records"]
+            out.extend(recs)
+            if not recs:
+                return out
+            nxt = page.get("next_after")
+            check(nxt is not None and int(nxt) > after,
+                  "API paging: next_after %r does not advance past %d" % (nxt, after))
+            after = int(nxt)
+
+    def db(self):
+        return ro_connect(self.db_path)
+
+    def rows(self, agent_id):
+        """[(epoch:u64, seq, payload:bytes, stream)] for the agent, straight from the store DB."""
+        if not os.path.exists(self.db_path):
+            return []
+        con = self.db()
+        try:
+            return [(u64(e), int(s), as_bytes(p), st) for e, s, p, st in con.execute(
+                "SELECT epoch, seq, payload, stream FROM records WHERE agent_id=?", (agent_id,))]
+        finally:
+            con.close()
+
+    def count(self, agent_id):
+        if not os.path.exists(self.db_path):
+            return 0
+        con = self.db()
+        try:
+            return con.execute("SELECT count(*) FROM records WHERE agent_id=?",
+                               (agent_id,)).fetchone()[0]
+        finally:
+            con.close()
+
+
+class Agent:
+    def __init__(self, h, name, agent_id, receiver, cn=None, inputs=None, unix_socket=True,
+                 tcp=True, max_line="64KiB", extra=None, log_level="info", url=None,
+                 spool_path=None):
+        self.h = h
+        self.name = name
+        self.agent_id = agent_id
+        self.receiver = receiver
+        self.cert, self.key = h.client_cert(cn or agent_id)
+        self.spool_path = spool_path or h.path(name + "-spool.db")
+        self.sock_path = h.path(name + ".sock") if unix_socket else None
+        self.tcp_port = free_port() if tcp else None
+        if inputs is None:
+            inp = {"name": "apps", "type": "socket", "priority": "normal", "max_line": max_line}
+            if self.sock_path:
+                inp["path"] = self.sock_path
+            if self.tcp_port:
+                inp["listen"] = "127.0.0.1:%d" % self.tcp_port
+            inputs = [inp]
+        self.inputs = inputs
+        cfg = {
+            "agent": {"id": agent_id},
+            "log": {"level": log_level},
+            "spool": {"path": self.spool_path, "sync": "normal", "commit_interval": "50ms",
+                      "commit_max_records": 5000, "commit_max_bytes": "1MiB"},
+            "inputs": inputs,
+            "forward": {
+                "transport": "https",
+                "url": url or receiver.url,
+                "tls": {"ca_file": h.ca_cert, "cert_file": self.cert, "key_file": self.key},
+                "batch": {"max_records": 5000, "max_bytes": "1MiB", "max_delay": "200ms"},
+                "in_flight": 4,
+                "timeout": "10s",
+                "retry": {"initial": "200ms", "max": "1s"},
+                "shutdown_timeout": "5s",
+            },
+        }
+        cfg = deep_merge(cfg, extra)
+        self.config = cfg
+        self.config_path = h.path(name + ".yaml")
+        with open(self.config_path, "w") as f:
+            f.write("# written by cistern_harness\n" + to_yaml(cfg) + "\n")
+        self.proc = h.add_proc(name, [h.agent_bin, "--config", self.config_path])
+
+    def start(self, wait=True):
+        # a stale socket file from a kill -9 must not make us think the agent is up
+        self.proc.start()
+        if wait:
+            self.wait_ready()
+        return self
+
+    def wait_ready(self, timeout=None):
+        def ok():
+            if self.sock_path:
+                s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                try:
+                    s.settimeout(2)
+                    s.connect(self.sock_path)
+                finally:
+                    s.close()
+            if self.tcp_port:
+                s = socket.create_connection(("127.0.0.1", self.tcp_port), timeout=2)
+                s.close()
+            return True
+        if self.sock_path or self.tcp_port:
+            self.h.wait(ok, timeout, "%s socket input to accept connections" % self.name)
+        else:
+            self.h.wait(lambda: os.path.exists(self.spool_path), timeout,
+                        "%s to create its spool" % self.name)
+
+    def stop(self, sig=signal.SIGTERM):
+        return self.proc.stop(sig)
+
+    def kill9(self):
+        self.proc.kill9()
+
+    def client(self, via="unix"):
+        if via == "unix":
+            return SocketClient(unix_path=self.sock_path)
+        return SocketClient(tcp=("127.0.0.1", self.tcp_port))
+
+    # -- spool ------------------------------------------------------------------------
+    def spool(self):
+        return ro_connect(self.spool_path)
+
+    def _q(self, sql, args=()):
+        con = self.spool()
+        try:
+            return con.execute(sql, args).fetchall()
+        finally:
+            con.close()
+
+    def meta(self):
+        return {k: v for k, v in self._q("SELECT key, value FROM meta")}
+
+    def epoch(self):
+        return u64(self.meta()["epoch"])
+
+    def next_seq(self):
+        return int(self.meta()["next_seq"])
+
+    def segment_count(self):
+        return self._q("SELECT count(*) FROM segments")[0][0]
+
+    def pending_records(self):
+        return self._q("SELECT coalesce(sum(record_count),0) FROM segments")[0][0]
+
+    def ledger(self):
+        cols = ["id", "reason", "epoch", "first_seq", "last_seq", "count", "ts_ms", "detail", "sent"]
+        return [dict(zip(cols, r)) for r in self._q(
+            "SELECT id, reason, epoch, first_seq, last_seq, count, ts_ms, detail, sent "
+            "FROM ledger ORDER BY id")]
+
+    def integrity_check(self):
+        return [r[0] for r in self._q("PRAGMA integrity_check")]
+
+    def stats_lines(self):
+        return re.findall(r"\[stats\] produced=(\d+) spooled=(\d+) delivered=(\d+) pending=(\d+)"
+                          r" rejected=(\d+)", self.proc.log_text())
+
+
+# ---------------------------------------------------------------------------------------
+# Socket input client
+
+class SocketClient:
+    """Pipelined line client for the agent's socket input.
+
+    send()/send_many() write lines without waiting; a reader thread collects the answer
+    lines. The i-th answer belongs to the i-th line sent (the agent answers in order).
+    """
+
+    def __init__(self, unix_path=None, tcp=None, timeout=60.0):
+        if unix_path:
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.settimeout(10)
+            s.connect(unix_path)
+        else:
+            s = socket.create_connection(tcp, timeout=10)
+        s.settimeout(timeout * SCALE)  # bounds a blocked sendall
+        self.sock = s
+        self.sent = []      # payloads (bytes), in order
+        self.answers = []   # ("OK", seq:int) or ("ERR", reason:str), in order
+        self.eof = False
+        self.error = None
+        self.cond = threading.Condition()
+        self._closing = False
+        self._rt = threading.Thread(target=self._reader, daemon=True)
+        self._rt.start()
+
+    def _reader(self):
+        buf = b""
+        try:
+            while True:
+                try:
+                    chunk = self.sock.recv(65536)
+                except socket.timeout:
+                    if self._closing:
+                        break
+                    continue
+                if not chunk:
+                    break
+                buf += chunk
+                lines = buf.split(b"\n")
+                buf = lines.pop()
+                parsed = []
+                for ln in lines:
+                    t = ln.decode("utf-8", "replace").rstrip("\r")
+                    if t.startswith("OK "):
+                        parsed.append(("OK", int(t[3:].strip())))
+                    elif t.startswith("ERR"):
+                        parsed.append(("ERR", t[3:].strip()))
+                    else:
+                        parsed.append(("?", t))
+                with self.cond:
+                    self.answers.extend(parsed)
+                    self.cond.notify_all()
+        except OSError as e:
+            self.error = e
+        finally:
+            with self.cond:
+                self.eof = True
+                self.cond.notify_all()
+
+    def send(self, payload):
+        self.send_many([payload])
+
+    def send_many(self, payloads):
+        data = b"".join(as_bytes(p) + b"\n" for p in payloads)
+        with self.cond:
+            self.sent.extend(as_bytes(p) for p in payloads)
+        self.sock.sendall(data)
+
+    def wait_answers(self, n=None, timeout=None, alive=None):
+        """Wait until n answers (default: one per line sent) arrived; return the answers."""
+        n = len(self.sent) if n is None else n
+        timeout = DEFAULT_WAIT if timeout is None else timeout
+        deadline = time.monotonic() + timeout * SCALE
+        with self.cond:
+            while len(self.answers) < n:
+                if self.eof:
+                    raise TestFailure("connection closed after %d of %d answers"
+                                      % (len(self.answers), n))
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TestFailure("timed out waiting for answers: got %d of %d"
+                                      % (len(self.answers), n))
+                self.cond.wait(min(left, 0.5))
+                if alive is not None:
+                    self.cond.release()
+                    try:
+                        alive()
+                    finally:
+                        self.cond.acquire()
+            return list(self.answers)
+
+    def acked(self):
+        """[(payload, seq)] of every line answered OK so far."""
+        with self.cond:
+            return [(self.sent[i], a[1]) for i, a in enumerate(self.answers) if a[0] == "OK"]
+
+    def close(self):
+        self._closing = True
+        try:
+            self.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+        self._rt.join(1.0)
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+    def abort(self):
+        self._closing = True
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+
+# ---------------------------------------------------------------------------------------
+# Checks shared by the tests
+
+def assert_stored_exactly_once(receiver, agent, acked, sent=None, epoch=None):
+    """Every (payload, seq) in acked is stored exactly once, under the agent's epoch and that
+    seq; no payload is stored twice; if sent is given, every stored payload was sent.
+    Returns the stored rows."""
+    rows = receiver.rows(agent.agent_id)
+    epoch = agent.epoch() if epoch is None else epoch
+    by_payload = {}
+    by_key = {}
+    for e, s, p, _st in rows:
+        by_payload.setdefault(p, []).append((e, s))
+        by_key.setdefault((e, s), []).append(p)
+    dup_keys = {k: v for k, v in by_key.items() if len(v) > 1}
+    check(not dup_keys, "rows stored twice under one key: %r" % list(dup_keys.items())[:5])
+    dups = {p: v for p, v in by_payload.items() if len(v) > 1}
+    check(not dups, "%d payloads stored more than once, e.g. %r"
+          % (len(dups), list(dups.items())[:3]))
+    missing = []
+    wrong = []
+    for p, seq in acked:
+        got = by_payload.get(p)
+        if not got:
+            missing.append((seq, p[:60]))
+        elif got[0] != (epoch, seq):
+            wrong.append((p[:60], "OK said epoch %d seq %d" % (epoch, seq),
+                          "stored as epoch %d seq %d" % got[0]))
+    check(not missing, "%d acknowledged records are not stored, e.g. %r"
+          % (len(missing), missing[:5]))
+    check(not wrong, "%d acknowledged records stored under another key, e.g. %r"
+          % (len(wrong), wrong[:5]))
+    if sent is not None:
+        sent_set = set(sent)
+        unexpected = [p for p in by_payload if p not in sent_set]
+        check(not unexpected, "%d stored payloads were never sent, e.g. %r"
+              % (len(unexpected), unexpected[:3]))
+    return rows
+
+
+def run(test_fn, name):
+    """Entry point of a test script: argv = [agent_bin, receiver_bin]."""
+    if len(sys.argv) < 3:
+        sys.stderr.write("usage: %s AGENT_BIN RECEIVER_BIN\n" % sys.argv[0])
+        sys.exit(2)
+    h = Harness(name, agent_bin=os.path.abspath(sys.argv[1]),
+                receiver_bin=os.path.abspath(sys.argv[2]))
+    t0 = time.monotonic()
+    ok = False
+    try:
+        test_fn(h)
+        ok = True
+    except BaseException as e:
+        if isinstance(e, SystemExit) and e.code == 0:
+            ok = True
+        else:
+            sys.stdout.write("FAIL: %s\n" % name)
+            traceback.print_exc(file=sys.stdout)
+            h.dump_logs(50)
+    finally:
+        h.cleanup()
+    log("%s: %s in %.1fs" % (name, "PASS" if ok else "FAIL", time.monotonic() - t0))
+    sys.exit(0 if ok else 1)
