@@ -1,2 +1,174 @@
-/* placeholder: being written */
-typedef int cis_placeholder_t;
+/* Receiver configuration: the key table for receiver.yaml and its cross-key checks. */
+#include "recv_config.h"
+
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <cistern/err.h>
+
+#define O(field) offsetof(struct recv_config, field)
+
+static const char *const log_levels[] = {"debug", "info", "warn", "error", NULL};
+static const char *const store_types[] = {"sqlite", "postgres", NULL};
+static const char *const sync_modes[] = {"normal", "full", NULL};
+
+static const struct cis_cfg_key recv_keys[] = {
+    {.path = "log.level", .type = CIS_CFG_ENUM, .offset = O(log_level), .def = "info",
+     .help = "log level: debug | info | warn | error", .enum_values = log_levels},
+    {.path = "listen.http", .type = CIS_CFG_STRING, .offset = O(listen_http),
+     .help = "ingest and API listener, host:port ([v6]:port for IPv6)", .required = 1},
+    {.path = "listen.tls.cert_file", .type = CIS_CFG_STRING, .offset = O(tls_cert_file),
+     .help = "server certificate (PEM)"},
+    {.path = "listen.tls.key_file", .type = CIS_CFG_STRING, .offset = O(tls_key_file),
+     .help = "server private key (PEM)"},
+    {.path = "listen.tls.client_ca_file", .type = CIS_CFG_STRING,
+     .offset = O(tls_client_ca_file),
+     .help = "CA that signs gateway client certificates; identity is the certificate CN"},
+    {.path = "listen.insecure_plain_http", .type = CIS_CFG_BOOL, .offset = O(insecure_plain_http),
+     .def = "false", .help = "serve plain HTTP without client identity (behind a TLS proxy only)"},
+    {.path = "listen.api", .type = CIS_CFG_STRING, .offset = O(listen_api),
+     .help = "optional second listener, plain HTTP, read API and health checks only (GET)"},
+    {.path = "store.type", .type = CIS_CFG_ENUM, .offset = O(store_type), .def = "sqlite",
+     .help = "store backend: sqlite (postgres comes later)", .enum_values = store_types},
+    {.path = "store.path", .type = CIS_CFG_STRING, .offset = O(store_path),
+     .def = "/var/lib/cistern/store.db", .help = "SQLite database file"},
+    {.path = "store.sync", .type = CIS_CFG_ENUM, .offset = O(store_sync), .def = "full",
+     .help = "full | normal: full syncs every batch commit before the agent is told it is stored", .enum_values = sync_modes},
+    {.path = "limits.max_body", .type = CIS_CFG_SIZE, .offset = O(max_body), .def = "8MiB",
+     .help = "largest request body; larger is answered 413", .min = 1024,
+     .max = INT64_C(1) << 32},
+    {.path = "limits.max_decompressed", .type = CIS_CFG_SIZE, .offset = O(max_decompressed),
+     .def = "64MiB", .help = "decompressed segment bytes in one batch; more is answered 413",
+     .min = 1024, .max = INT64_C(1) << 34},
+    {.path = "limits.max_records", .type = CIS_CFG_INT, .offset = O(max_records), .def = "100000",
+     .help = "records in one batch; more is answered 413", .min = 1, .max = 100000000},
+    {.path = "limits.max_connections", .type = CIS_CFG_INT, .offset = O(max_connections),
+     .def = "256", .help = "concurrent connections", .min = 1, .max = 65536},
+    {.path = "limits.connection_timeout", .type = CIS_CFG_DURATION,
+     .offset = O(connection_timeout_ms), .def = "30s", .help = "idle connection timeout",
+     .min = 1000, .max = INT64_C(86400000)},
+    {.path = NULL},
+};
+
+static int is_set(const char *s)
+{
+    return s != NULL && s[0] != '\0';
+}
+
+static int recv_config_check(void *obj, struct cis_cfg_report *r)
+{
+    struct recv_config *c = obj;
+    char host[256], why[128];
+    unsigned port;
+    int bad = 0;
+
+    if (recv_parse_hostport(c->listen_http, host, sizeof host, &port, why, sizeof why) != 0) {
+        cis_cfg_report_error(r, "listen.http", "\"%s\" %s", c->listen_http, why);
+        bad = 1;
+    }
+    if (is_set(c->listen_api) &&
+        recv_parse_hostport(c->listen_api, host, sizeof host, &port, why, sizeof why) != 0) {
+        cis_cfg_report_error(r, "listen.api", "\"%s\" %s", c->listen_api, why);
+        bad = 1;
+    }
+    if (!c->insecure_plain_http) {
+        if (!is_set(c->tls_cert_file)) {
+            cis_cfg_report_error(r, "listen.tls.cert_file",
+                                 "is required unless listen.insecure_plain_http is true");
+            bad = 1;
+        }
+        if (!is_set(c->tls_key_file)) {
+            cis_cfg_report_error(r, "listen.tls.key_file",
+                                 "is required unless listen.insecure_plain_http is true");
+            bad = 1;
+        }
+        if (!is_set(c->tls_client_ca_file)) {
+            cis_cfg_report_error(r, "listen.tls.client_ca_file",
+                                 "is required with TLS: gateways are identified by client "
+                                 "certificate");
+            bad = 1;
+        }
+    }
+    if (c->store_type != RECV_STORE_SQLITE) {
+        cis_cfg_report_error(r, "store.type", "\"%s\" is not supported yet (only sqlite)",
+                             store_types[c->store_type]);
+        bad = 1;
+    }
+    if (!is_set(c->store_path)) {
+        cis_cfg_report_error(r, "store.path", "must not be empty");
+        bad = 1;
+    }
+    return bad;
+}
+
+const struct cis_cfg_schema recv_config_schema = {.keys = recv_keys, .check = recv_config_check};
+
+int recv_config_load(const char *file, struct recv_config *cfg, char *err, size_t errlen)
+{
+    memset(cfg, 0, sizeof *cfg);
+    return cis_config_load(file, &recv_config_schema, cfg, err, errlen);
+}
+
+void recv_config_free(struct recv_config *cfg)
+{
+    if (cfg == NULL)
+        return;
+    cis_config_free(&recv_config_schema, cfg);
+    memset(cfg, 0, sizeof *cfg);
+}
+
+int recv_parse_hostport(const char *s, char *host, size_t hostlen, unsigned *port, char *why,
+                        size_t whylen)
+{
+    const char *h, *colon;
+    size_t hl;
+    char *end;
+    unsigned long p;
+
+    if (s == NULL || s[0] == '\0') {
+        snprintf(why, whylen, "is empty (want host:port)");
+        return CIS_EINVAL;
+    }
+    if (s[0] == '[') {
+        const char *rb = strchr(s, ']');
+        if (rb == NULL || rb[1] != ':') {
+            snprintf(why, whylen, "is not [v6-address]:port");
+            return CIS_EINVAL;
+        }
+        h = s + 1;
+        hl = (size_t)(rb - h);
+        colon = rb + 1;
+    } else {
+        colon = strrchr(s, ':');
+        if (colon == NULL) {
+            snprintf(why, whylen, "has no port (want host:port)");
+            return CIS_EINVAL;
+        }
+        h = s;
+        hl = (size_t)(colon - s);
+        if (memchr(h, ':', hl) != NULL) {
+            snprintf(why, whylen, "is ambiguous: write an IPv6 address as [addr]:port");
+            return CIS_EINVAL;
+        }
+    }
+    if (hl == 0 || hl >= hostlen) {
+        snprintf(why, whylen, "has an empty or too long host");
+        return CIS_EINVAL;
+    }
+    if (colon[1] < '0' || colon[1] > '9') {
+        snprintf(why, whylen, "has no port number (want host:port)");
+        return CIS_EINVAL;
+    }
+    errno = 0;
+    p = strtoul(colon + 1, &end, 10);
+    if (errno != 0 || *end != '\0' || p > 65535) {
+        snprintf(why, whylen, "has a bad port (want 0..65535)");
+        return CIS_EINVAL;
+    }
+    memcpy(host, h, hl);
+    host[hl] = '\0';
+    *port = (unsigned)p;
+    return 0;
+}

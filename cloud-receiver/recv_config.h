@@ -1,0 +1,46 @@
+/* Receiver configuration: the struct every key of receiver.yaml lands in, and its schema. */
+#ifndef RECV_CONFIG_H
+#define RECV_CONFIG_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include <cistern/config.h>
+
+enum recv_store_type { RECV_STORE_SQLITE = 0, RECV_STORE_POSTGRES = 1 };
+enum recv_sync { RECV_SYNC_NORMAL = 0, RECV_SYNC_FULL = 1 };
+
+struct recv_config {
+    int log_level;              /* enum cis_log_level */
+    char *listen_http;          /* host:port, required */
+    char *tls_cert_file;        /* required unless insecure_plain_http */
+    char *tls_key_file;         /* required unless insecure_plain_http */
+    char *tls_client_ca_file;   /* required unless insecure_plain_http */
+    int insecure_plain_http;
+    char *listen_api;           /* optional plain GET-only listener, NULL when unset */
+    int store_type;             /* enum recv_store_type */
+    char *store_path;
+    int store_sync;             /* enum recv_sync */
+    uint64_t max_body;
+    uint64_t max_decompressed;
+    int64_t max_records;
+    int64_t max_connections;
+    int64_t connection_timeout_ms;
+};
+
+/* The schema of receiver.yaml (keys, types, defaults, help, cross-key check). */
+extern const struct cis_cfg_schema recv_config_schema;
+
+/* Load FILE into CFG (zeroed by this function). Returns 0, or CIS_ECONFIG / CIS_EIO with
+ * "FILE:LINE:COL: key: what" in ERR. Caller releases CFG with recv_config_free(). */
+int recv_config_load(const char *file, struct recv_config *cfg, char *err, size_t errlen);
+
+/* Free what recv_config_load() allocated inside CFG. Accepts a zeroed CFG. */
+void recv_config_free(struct recv_config *cfg);
+
+/* Split "host:port" or "[v6]:port" into HOST (brackets removed) and PORT (0..65535).
+ * Returns 0, or CIS_EINVAL with a reason in WHY. */
+int recv_parse_hostport(const char *s, char *host, size_t hostlen, unsigned *port, char *why,
+                        size_t whylen);
+
+#endif

@@ -1,0 +1,88 @@
+/* Receiver store interface: a const vtable per backend (sqlite now, postgres later). Every
+ * backend stores records under the unique key (agent_id, epoch, seq), keeps per-agent state
+ * and the loss ledger, and commits one batch in one transaction. */
+#ifndef RECV_STORE_H
+#define RECV_STORE_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include <cistern/codec.h>
+
+struct recv_store; /* backend-specific handle */
+
+struct recv_store_opts {
+    const char *path;    /* database file (sqlite) */
+    int sync_full;       /* 1: durable on every commit (synchronous=FULL) */
+    int busy_timeout_ms; /* wait this long for a lock held by another process */
+};
+
+struct recv_put_result {
+    uint64_t accepted;   /* records newly stored */
+    uint64_t duplicates; /* records already present under their key */
+};
+
+/* Views handed to callbacks; valid only during the callback. */
+struct recv_agent_info {
+    const char *id;
+    int64_t first_seen_ms, last_seen_ms;
+    int64_t spool_depth;
+    int64_t oldest_pending_ms;
+    int64_t records;
+};
+
+struct recv_record_view {
+    uint64_t epoch, seq;
+    int64_t ts_ms;
+    const char *stream;
+    const char *content_type; /* NULL when none */
+    const uint8_t *payload;
+    size_t payload_len;
+};
+
+struct recv_records_query {
+    const char *agent_id;
+    int has_epoch; /* 0: all epochs, ordered by (epoch, seq) */
+    uint64_t epoch;
+    uint64_t after; /* only seq > after */
+    unsigned limit; /* at most this many rows */
+};
+
+/* Callbacks return 0 to continue, non-zero to stop (that value is returned by the caller). */
+typedef int (*recv_agent_cb)(void *ud, const struct recv_agent_info *a);
+typedef int (*recv_record_cb)(void *ud, const struct recv_record_view *r);
+
+struct recv_store_ops {
+    const char *name;
+    /* Open or create the store. On success *OUT is the handle (release with close).
+     * Returns 0 or CIS_E* with a reason in ERR. */
+    int (*open)(const struct recv_store_opts *opts, struct recv_store **out, char *err,
+                size_t errlen);
+    /* Close and free. Accepts NULL. */
+    void (*close)(struct recv_store *s);
+    /* Store every record of B (borrowed, already checked by recv_batch_check) in one
+     * transaction, upsert the agent row and the loss entries. NOW_MS is the receive time.
+     * Fills RES only when the transaction committed. Thread-safe. Returns 0 or CIS_EDB /
+     * CIS_EFULL / CIS_EAGAIN (the agent should retry). */
+    int (*put_batch)(struct recv_store *s, const struct cis_decoded_batch *b, int64_t now_ms,
+                     struct recv_put_result *res);
+    /* Call CB for every agent, ordered by id. Thread-safe. */
+    int (*list_agents)(struct recv_store *s, recv_agent_cb cb, void *ud);
+    /* Call CB for the records Q selects, in (epoch, seq) order. CIS_ENOTFOUND when the
+     * agent is unknown. Thread-safe. */
+    int (*get_records)(struct recv_store *s, const struct recv_records_query *q, recv_record_cb cb,
+                       void *ud);
+    /* 0 when the store answers queries, CIS_EDB otherwise. Thread-safe. */
+    int (*health)(struct recv_store *s);
+};
+
+extern const struct recv_store_ops recv_store_sqlite;
+
+/* The backend called NAME, or NULL. */
+const struct recv_store_ops *recv_store_find(const char *name);
+
+/* Checks a decoded batch must pass before any store sees it: epochs (header and loss
+ * entries) and seqs fit a signed 63-bit INTEGER. Returns 0 or CIS_EDECODE with a reason. */
+int recv_batch_check(const struct cis_decoded_batch *b, char *why, size_t whylen);
+
+#endif
