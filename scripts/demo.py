@@ -110,8 +110,8 @@ class Demo:
             return ""
         self.run_for(a.seconds_after, note)
 
-        say("stopping the agent (SIGTERM): it stops its input, commits, and finishes the "
-            "batches in flight")
+        say("stopping the agent (SIGTERM): it stops its input, commits, and delivers what is "
+            "in its spool")
         rc = self.agent.stop()
         say("agent exited with status %s" % rc)
         ok = rc == 0
