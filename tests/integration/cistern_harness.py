@@ -346,7 +346,10 @@ class Harness:
 
     # -- processes ------------------------------------------------------------------
     def add_proc(self, name, argv):
-        p = Proc(name, argv, self.path(name + ".log"))
+        # CISTERN_TEST_WRAPPER runs the binaries under a tool, e.g.
+        # "valgrind --leak-check=full --errors-for-leak-kinds=definite --error-exitcode=99"
+        wrap = os.environ.get("CISTERN_TEST_WRAPPER", "").split()
+        p = Proc(name, wrap + list(argv), self.path(name + ".log"))
         self.procs.append(p)
         return p
 
