@@ -64,12 +64,12 @@ static int recv_config_check(void *obj, struct cis_cfg_report *r)
     unsigned port;
     int bad = 0;
 
-    if (recv_parse_hostport(c->listen_http, host, sizeof host, &port, why, sizeof why) != 0) {
+    if (cis_parse_hostport(c->listen_http, host, sizeof host, &port, why, sizeof why) != 0) {
         cis_cfg_report_error(r, "listen.http", "\"%s\" %s", c->listen_http, why);
         bad = 1;
     }
     if (is_set(c->listen_api) &&
-        recv_parse_hostport(c->listen_api, host, sizeof host, &port, why, sizeof why) != 0) {
+        cis_parse_hostport(c->listen_api, host, sizeof host, &port, why, sizeof why) != 0) {
         cis_cfg_report_error(r, "listen.api", "\"%s\" %s", c->listen_api, why);
         bad = 1;
     }
@@ -117,58 +117,4 @@ void recv_config_free(struct recv_config *cfg)
         return;
     cis_config_free(&recv_config_schema, cfg);
     memset(cfg, 0, sizeof *cfg);
-}
-
-int recv_parse_hostport(const char *s, char *host, size_t hostlen, unsigned *port, char *why,
-                        size_t whylen)
-{
-    const char *h, *colon;
-    size_t hl;
-    char *end;
-    unsigned long p;
-
-    if (s == NULL || s[0] == '\0') {
-        snprintf(why, whylen, "is empty (want host:port)");
-        return CIS_EINVAL;
-    }
-    if (s[0] == '[') {
-        const char *rb = strchr(s, ']');
-        if (rb == NULL || rb[1] != ':') {
-            snprintf(why, whylen, "is not [v6-address]:port");
-            return CIS_EINVAL;
-        }
-        h = s + 1;
-        hl = (size_t)(rb - h);
-        colon = rb + 1;
-    } else {
-        colon = strrchr(s, ':');
-        if (colon == NULL) {
-            snprintf(why, whylen, "has no port (want host:port)");
-            return CIS_EINVAL;
-        }
-        h = s;
-        hl = (size_t)(colon - s);
-        if (memchr(h, ':', hl) != NULL) {
-            snprintf(why, whylen, "is ambiguous: write an IPv6 address as [addr]:port");
-            return CIS_EINVAL;
-        }
-    }
-    if (hl == 0 || hl >= hostlen) {
-        snprintf(why, whylen, "has an empty or too long host");
-        return CIS_EINVAL;
-    }
-    if (colon[1] < '0' || colon[1] > '9') {
-        snprintf(why, whylen, "has no port number (want host:port)");
-        return CIS_EINVAL;
-    }
-    errno = 0;
-    p = strtoul(colon + 1, &end, 10);
-    if (errno != 0 || *end != '\0' || p > 65535) {
-        snprintf(why, whylen, "has a bad port (want 0..65535)");
-        return CIS_EINVAL;
-    }
-    memcpy(host, h, hl);
-    host[hl] = '\0';
-    *port = (unsigned)p;
-    return 0;
 }

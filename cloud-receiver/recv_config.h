@@ -38,9 +38,4 @@ int recv_config_load(const char *file, struct recv_config *cfg, char *err, size_
 /* Free what recv_config_load() allocated inside CFG. Accepts a zeroed CFG. */
 void recv_config_free(struct recv_config *cfg);
 
-/* Split "host:port" or "[v6]:port" into HOST (brackets removed) and PORT (0..65535).
- * Returns 0, or CIS_EINVAL with a reason in WHY. */
-int recv_parse_hostport(const char *s, char *host, size_t hostlen, unsigned *port, char *why,
-                        size_t whylen);
-
 #endif

@@ -483,7 +483,7 @@ static int open_listener(struct listener *l, const char *key, const char *hostpo
     unsigned port;
     int fd = -1, one = 1, rc;
 
-    if (recv_parse_hostport(hostport, host, sizeof host, &port, why, sizeof why) != 0) {
+    if (cis_parse_hostport(hostport, host, sizeof host, &port, why, sizeof why) != 0) {
         snprintf(err, errlen, "%s: \"%s\" %s", key, hostport, why);
         return CIS_EINVAL;
     }

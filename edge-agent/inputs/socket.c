@@ -13,6 +13,7 @@
 #include <unistd.h>
 
 #include "agent.h"
+#include "cistern/config.h"
 #include "cistern/err.h"
 #include "cistern/log.h"
 
@@ -339,25 +340,18 @@ static int listen_unix(struct sock_input *s, const char *path)
 
 static int listen_tcp(struct sock_input *s, const char *hostport)
 {
-    char host[256];
-    const char *colon = strrchr(hostport, ':');
-    struct addrinfo hints = {.ai_socktype = SOCK_STREAM, .ai_flags = AI_PASSIVE}, *res = NULL;
-    size_t hl;
+    char host[256], port[8], why[128];
+    unsigned portnum;
+    struct addrinfo hints = {.ai_socktype = SOCK_STREAM, .ai_flags = AI_PASSIVE | AI_NUMERICSERV},
+                    *res = NULL;
     int fd = -1, one = 1, rc;
 
-    if (!colon || colon == hostport || !colon[1] || (size_t)(colon - hostport) >= sizeof(host)) {
-        cis_error("[socket] %s: listen \"%s\" is not host:port", s->in->cfg->name, hostport);
+    if (cis_parse_hostport(hostport, host, sizeof(host), &portnum, why, sizeof(why)) != 0) {
+        cis_error("[socket] %s: listen \"%s\" %s", s->in->cfg->name, hostport, why);
         return CIS_EINVAL;
     }
-    hl = (size_t)(colon - hostport);
-    if (hostport[0] == '[' && hl >= 2 && hostport[hl - 1] == ']') {
-        memcpy(host, hostport + 1, hl - 2);
-        host[hl - 2] = '\0';
-    } else {
-        memcpy(host, hostport, hl);
-        host[hl] = '\0';
-    }
-    rc = getaddrinfo(host, colon + 1, &hints, &res);
+    snprintf(port, sizeof(port), "%u", portnum);
+    rc = getaddrinfo(host, port, &hints, &res);
     if (rc != 0) {
         cis_error("[socket] %s: listen %s: %s", s->in->cfg->name, hostport, gai_strerror(rc));
         return CIS_EINVAL;

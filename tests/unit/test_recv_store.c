@@ -330,15 +330,15 @@ static void test_config(void **state)
     assert_non_null(strstr(err, "store.type"));
     unlink(path);
 
-    assert_int_equal(recv_parse_hostport("[::1]:8443", host, sizeof host, &port, why, sizeof why),
+    assert_int_equal(cis_parse_hostport("[::1]:8443", host, sizeof host, &port, why, sizeof why),
                      0);
     assert_string_equal(host, "::1");
     assert_int_equal(port, 8443);
-    assert_int_not_equal(recv_parse_hostport("::1:80", host, sizeof host, &port, why, sizeof why),
+    assert_int_not_equal(cis_parse_hostport("::1:80", host, sizeof host, &port, why, sizeof why),
                          0);
-    assert_int_not_equal(recv_parse_hostport("h:99999", host, sizeof host, &port, why, sizeof why),
+    assert_int_not_equal(cis_parse_hostport("h:99999", host, sizeof host, &port, why, sizeof why),
                          0);
-    assert_int_not_equal(recv_parse_hostport("h", host, sizeof host, &port, why, sizeof why), 0);
+    assert_int_not_equal(cis_parse_hostport("h", host, sizeof host, &port, why, sizeof why), 0);
 }
 
 int main(void)

@@ -84,5 +84,8 @@ void cis_config_print_help(const struct cis_cfg_schema *schema, void *f);
  * Each returns 0, or CIS_EINVAL with a reason (e.g. "is not a size (try 256KiB)") in WHY. */
 int cis_parse_size(const char *s, uint64_t *out, char *why, size_t whylen);
 int cis_parse_duration(const char *s, int64_t *out_ms, char *why, size_t whylen);
+/* Split "host:port" or "[v6]:port" into HOST (brackets removed) and PORT (0..65535). */
+int cis_parse_hostport(const char *s, char *host, size_t hostlen, unsigned *port, char *why,
+                       size_t whylen);
 
 #endif
