@@ -26,7 +26,7 @@ void agent_loop_unwatch(struct agent *a, int fd);
 /* ---- ingest: records from inputs, group-committed to the spool ---- */
 
 /* Called on the loop thread once the record's spool transaction has committed (STATUS 0, SEQ
- * its seq) or failed (STATUS a CIS_E* code, nothing stored). */
+ * its seq) or failed (STATUS a CIS_E* code, nothing stored). It must not submit records. */
 typedef void (*agent_ack_cb)(void *ctx, uint64_t token, int status, uint64_t seq);
 
 /* Queue one record for the next group commit. The payload is copied. ACK (may be NULL) is

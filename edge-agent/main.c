@@ -235,23 +235,11 @@ static void ingest_commit(struct agent *a)
                       cis_strerror(rc));
         a->commit_failing = 1;
     }
-    /* Reset the queue before the callbacks run: they may queue new records. */
+    for (size_t i = 0; i < n; i++)
+        if (a->recs[i].ack)
+            a->recs[i].ack(a->recs[i].ctx, a->recs[i].token, rc, rc == 0 ? recs[i].seq : 0);
     a->nrecs = 0;
     a->arena_len = 0;
-    {
-        struct ingest_rec *q = a->recs;
-        a->recs = NULL;
-        a->caprecs = 0;
-        for (size_t i = 0; i < n; i++)
-            if (q[i].ack)
-                q[i].ack(q[i].ctx, q[i].token, rc, rc == 0 ? recs[i].seq : 0);
-        if (a->recs == NULL) {
-            a->recs = q;
-            a->caprecs = a->caprecs ? a->caprecs : n;
-        } else {
-            free(q);
-        }
-    }
     free(recs);
     free(prio);
 }
