@@ -252,8 +252,8 @@ static int record_row(void *ud, const struct recv_record_view *r)
 
     recv_buf_addf(c->b,
                   "%s{\"epoch\":\"%" PRIu64 "\",\"seq\":%" PRIu64 ",\"ts\":%" PRId64
-                  ",\"stream\":",
-                  c->n++ ? "," : "", r->epoch, r->seq, r->ts_ms);
+                  ",\"received_ms\":%" PRId64 ",\"stream\":",
+                  c->n++ ? "," : "", r->epoch, r->seq, r->ts_ms, r->received_ms);
     recv_buf_json_str(c->b, r->stream, strlen(r->stream));
     if (r->content_type != NULL) {
         recv_buf_add(c->b, ",\"content_type\":", 16);
@@ -302,6 +302,24 @@ static int parse_u64(const char *s, uint64_t max, uint64_t *out)
     return 0;
 }
 
+/* The epoch= parameter shared by the records and gaps routes: absent, or 1..2^63-1. */
+static int parse_epoch(const char *epoch, int *has_epoch, uint64_t *out, char *why, size_t whylen)
+{
+    uint64_t v;
+
+    *has_epoch = 0;
+    *out = 0;
+    if (epoch == NULL)
+        return 0;
+    if (parse_u64(epoch, (uint64_t)INT64_MAX, &v) || v == 0) {
+        snprintf(why, whylen, "epoch: want a decimal epoch (1..2^63-1)");
+        return CIS_EINVAL;
+    }
+    *has_epoch = 1;
+    *out = v;
+    return 0;
+}
+
 int recv_api_parse_records_query(const char *after, const char *limit, const char *epoch,
                                  struct recv_records_query *q, char *why, size_t whylen)
 {
@@ -325,15 +343,106 @@ int recv_api_parse_records_query(const char *after, const char *limit, const cha
         }
         q->limit = (unsigned)v;
     }
-    if (epoch != NULL) {
-        if (parse_u64(epoch, (uint64_t)INT64_MAX, &v) || v == 0) {
-            snprintf(why, whylen, "epoch: want a decimal epoch (1..2^63-1)");
-            return CIS_EINVAL;
+    return parse_epoch(epoch, &q->has_epoch, &q->epoch, why, whylen);
+}
+
+int recv_api_parse_gaps_query(const char *epoch, struct recv_gaps_query *q, char *why,
+                              size_t whylen)
+{
+    q->max_gaps = RECV_GAPS_MAX;
+    return parse_epoch(epoch, &q->has_epoch, &q->epoch, why, whylen);
+}
+
+/* Append S as a JSON string, or null when S is NULL. */
+static void json_str_or_null(struct recv_buf *b, const char *s)
+{
+    if (s == NULL)
+        recv_buf_add(b, "null", 4);
+    else
+        recv_buf_json_str(b, s, strlen(s));
+}
+
+static int loss_row(void *ud, const struct recv_loss_view *l)
+{
+    struct list_ctx *c = ud;
+
+    recv_buf_addf(c->b, "%s{\"origin_epoch\":\"%" PRIu64 "\",\"id\":%" PRIu64 ",\"reason\":",
+                  c->n++ ? "," : "", l->origin_epoch, l->id);
+    recv_buf_json_str(c->b, l->reason, strlen(l->reason));
+    recv_buf_addf(c->b,
+                  ",\"epoch\":\"%" PRIu64 "\",\"first_seq\":%" PRIu64 ",\"last_seq\":%" PRIu64
+                  ",\"count\":%" PRIu64 ",\"ts_ms\":%" PRId64 ",\"detail\":",
+                  l->epoch, l->first_seq, l->last_seq, l->count, l->ts_ms);
+    json_str_or_null(c->b, l->detail);
+    recv_buf_addf(c->b, ",\"received_ms\":%" PRId64 "}", l->received_ms);
+    return c->b->oom ? CIS_ENOMEM : 0;
+}
+
+int recv_api_losses(const struct recv_store_ops *ops, struct recv_store *st, const char *agent_id,
+                    struct recv_buf *b)
+{
+    struct list_ctx c = {.b = b};
+    int rc;
+
+    recv_buf_add(b, "{\"agent_id\":", 12);
+    recv_buf_json_str(b, agent_id, strlen(agent_id));
+    recv_buf_add(b, ",\"losses\":[", 11);
+    rc = ops->get_losses(st, agent_id, loss_row, &c);
+    if (rc)
+        return rc;
+    recv_buf_add(b, "]}", 2);
+    return b->oom ? CIS_ENOMEM : 0;
+}
+
+static int epoch_gaps_row(void *ud, const struct recv_epoch_gaps *e)
+{
+    struct list_ctx *c = ud;
+
+    recv_buf_addf(c->b,
+                  "%s{\"epoch\":\"%" PRIu64 "\",\"received\":%" PRIu64 ",\"highest_seq\":%" PRIu64
+                  ",\"gaps\":[",
+                  c->n++ ? "," : "", e->epoch, e->received, e->highest_seq);
+    for (size_t i = 0; i < e->ngaps; i++) {
+        const struct recv_gap *g = &e->gaps[i];
+        recv_buf_addf(c->b,
+                      "%s{\"first_seq\":%" PRIu64 ",\"last_seq\":%" PRIu64 ",\"count\":%" PRIu64
+                      ",\"status\":",
+                      i ? "," : "", g->first_seq, g->last_seq, g->last_seq - g->first_seq + 1);
+        if (g->reason != NULL) {
+            /* The status is built whole, then escaped as one string. */
+            struct recv_buf status = {0};
+            recv_buf_addf(&status, "dropped at the edge: %s", g->reason);
+            if (status.oom) {
+                recv_buf_free(&status);
+                return CIS_ENOMEM;
+            }
+            recv_buf_json_str(c->b, status.p, status.len);
+            recv_buf_free(&status);
+        } else {
+            recv_buf_add(c->b, "\"not yet received\"", 18);
         }
-        q->has_epoch = 1;
-        q->epoch = v;
+        recv_buf_add(c->b, ",\"reason\":", 10);
+        json_str_or_null(c->b, g->reason);
+        recv_buf_add(c->b, "}", 1);
     }
-    return 0;
+    recv_buf_addf(c->b, "],\"truncated\":%s}", e->truncated ? "true" : "false");
+    return c->b->oom ? CIS_ENOMEM : 0;
+}
+
+int recv_api_gaps(const struct recv_store_ops *ops, struct recv_store *st,
+                  const struct recv_gaps_query *q, struct recv_buf *b)
+{
+    struct list_ctx c = {.b = b};
+    int rc;
+
+    recv_buf_add(b, "{\"agent_id\":", 12);
+    recv_buf_json_str(b, q->agent_id, strlen(q->agent_id));
+    recv_buf_add(b, ",\"epochs\":[", 11);
+    rc = ops->get_gaps(st, q, epoch_gaps_row, &c);
+    if (rc)
+        return rc;
+    recv_buf_add(b, "]}", 2);
+    return b->oom ? CIS_ENOMEM : 0;
 }
 
 void recv_api_ingest_answer(const struct cis_decoded_batch *b, const struct recv_put_result *r,

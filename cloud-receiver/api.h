@@ -1,6 +1,6 @@
 /* Receiver read side: JSON building (escape, base64, UTF-8 check) and the JSON bodies of
- * GET /v1/agents, GET /v1/agents/{id}/records and the ingest answer. No HTTP here, so tests
- * can check the bytes without a network. */
+ * GET /v1/agents, GET /v1/agents/{id}/records, .../gaps, .../losses and the ingest answer. No HTTP
+ * here, so tests can check the bytes without a network. */
 #ifndef RECV_API_H
 #define RECV_API_H
 
@@ -44,6 +44,25 @@ int recv_api_records(const struct recv_store_ops *ops, struct recv_store *st,
  * (agent_id is left alone). Returns 0, or CIS_EINVAL with a reason in WHY. */
 int recv_api_parse_records_query(const char *after, const char *limit, const char *epoch,
                                  struct recv_records_query *q, char *why, size_t whylen);
+
+/* {"agent_id":ID,"epochs":[{"epoch":"E","received":N,"highest_seq":M,"gaps":[{"first_seq":a,
+ * "last_seq":b,"count":n,"status":"dropped at the edge: REASON"|"not yet received",
+ * "reason":"REASON"|null},...],"truncated":false},...]} for Q into B.
+ * Returns 0, CIS_ENOTFOUND (unknown agent) or CIS_E*. */
+int recv_api_gaps(const struct recv_store_ops *ops, struct recv_store *st,
+                  const struct recv_gaps_query *q, struct recv_buf *b);
+
+/* Parse the query parameter of GET /v1/agents/{id}/gaps (EPOCH may be NULL: every epoch) into
+ * Q (agent_id is left alone). Returns 0, or CIS_EINVAL with a reason in WHY. */
+int recv_api_parse_gaps_query(const char *epoch, struct recv_gaps_query *q, char *why,
+                              size_t whylen);
+
+/* {"agent_id":ID,"losses":[{"origin_epoch":"..","id":n,"reason":"..","epoch":"..",
+ * "first_seq":a,"last_seq":b,"count":n,"ts_ms":t,"detail":".."|null,"received_ms":t},...]}:
+ * every ledger entry of AGENT_ID in received order, into B.
+ * Returns 0, CIS_ENOTFOUND (unknown agent) or CIS_E*. */
+int recv_api_losses(const struct recv_store_ops *ops, struct recv_store *st, const char *agent_id,
+                    struct recv_buf *b);
 
 /* The ingest answer: {"accepted":N,"duplicates":M,"acked":[["EPOCH",first,last],...]}. */
 void recv_api_ingest_answer(const struct cis_decoded_batch *b, const struct recv_put_result *r,

@@ -49,7 +49,7 @@ struct recv_http {
     int inflight; /* requests between first handler call and completion; atomic */
 };
 
-enum route { R_NONE, R_BATCHES, R_AGENTS, R_RECORDS, R_HEALTHZ };
+enum route { R_NONE, R_BATCHES, R_AGENTS, R_RECORDS, R_GAPS, R_LOSSES, R_HEALTHZ };
 
 /* Per-request state (MHD's con_cls). */
 struct req {
@@ -164,7 +164,6 @@ out:
 static enum route route_of(const char *url, char *id, size_t idlen)
 {
     static const char agents[] = "/v1/agents/";
-    static const char records[] = "/records";
 
     if (strcmp(url, "/v1/batches") == 0)
         return R_BATCHES;
@@ -175,15 +174,24 @@ static enum route route_of(const char *url, char *id, size_t idlen)
     if (strncmp(url, agents, sizeof agents - 1) == 0) {
         const char *s = url + sizeof agents - 1;
         const char *slash = strchr(s, '/');
+        enum route rt;
         size_t n;
-        if (slash == NULL || slash == s || strcmp(slash, records) != 0)
+        if (slash == NULL || slash == s)
+            return R_NONE;
+        if (strcmp(slash, "/records") == 0)
+            rt = R_RECORDS;
+        else if (strcmp(slash, "/gaps") == 0)
+            rt = R_GAPS;
+        else if (strcmp(slash, "/losses") == 0)
+            rt = R_LOSSES;
+        else
             return R_NONE;
         n = (size_t)(slash - s);
         if (n >= idlen)
             return R_NONE;
         memcpy(id, s, n);
         id[n] = '\0';
-        return R_RECORDS;
+        return rt;
     }
     return R_NONE;
 }
@@ -223,6 +231,15 @@ static enum MHD_Result serve_get(struct req *r, struct MHD_Connection *c, enum r
     }
     if (rt == R_AGENTS) {
         rc = recv_api_agents(h->ops, h->st, &b);
+    } else if (rt == R_GAPS) {
+        struct recv_gaps_query q = {.agent_id = id};
+        rc = recv_api_parse_gaps_query(
+            MHD_lookup_connection_value(c, MHD_GET_ARGUMENT_KIND, "epoch"), &q, why, sizeof why);
+        if (rc)
+            return answer_error(r, c, MHD_HTTP_BAD_REQUEST, why, NULL, NULL);
+        rc = recv_api_gaps(h->ops, h->st, &q, &b);
+    } else if (rt == R_LOSSES) {
+        rc = recv_api_losses(h->ops, h->st, id, &b);
     } else {
         struct recv_records_query q = {.agent_id = id};
         rc = recv_api_parse_records_query(

@@ -12,7 +12,19 @@
 #include <cistern/err.h>
 #include <cistern/log.h>
 
-#define SCHEMA_VERSION 1
+/* Version 2: the loss ledger is keyed by the spool that wrote an entry (origin_epoch), not by
+ * the epoch it describes. A fresh spool's corrupt_spool entry about the old epoch reuses ids
+ * the old spool already sent; under version 1's key it was silently ignored. */
+#define SCHEMA_VERSION 2
+
+#define LOSSES_COLUMNS                                                                             \
+    "(agent_id TEXT NOT NULL, origin_epoch INTEGER NOT NULL, id INTEGER NOT NULL,"                 \
+    " reason TEXT NOT NULL, epoch INTEGER NOT NULL, first_seq INTEGER NOT NULL,"                   \
+    " last_seq INTEGER NOT NULL, count INTEGER NOT NULL, ts_ms INTEGER NOT NULL, detail TEXT,"     \
+    " received_ms INTEGER NOT NULL, PRIMARY KEY(agent_id, origin_epoch, id))"
+/* get_gaps reads an epoch's entries in first_seq order. */
+#define LOSSES_INDEX                                                                               \
+    "CREATE INDEX IF NOT EXISTS losses_by_epoch ON losses(agent_id, epoch, first_seq);"
 
 static const char schema_sql[] =
     "CREATE TABLE IF NOT EXISTS records(agent_id TEXT NOT NULL, epoch INTEGER NOT NULL,"
@@ -22,12 +34,21 @@ static const char schema_sql[] =
     "CREATE TABLE IF NOT EXISTS agents(id TEXT PRIMARY KEY, first_seen_ms INTEGER NOT NULL,"
     " last_seen_ms INTEGER NOT NULL, spool_depth INTEGER NOT NULL DEFAULT 0,"
     " oldest_pending_ms INTEGER NOT NULL DEFAULT 0, records INTEGER NOT NULL DEFAULT 0);"
-    "CREATE TABLE IF NOT EXISTS losses(agent_id TEXT NOT NULL, epoch INTEGER NOT NULL,"
-    " id INTEGER NOT NULL, reason TEXT NOT NULL, first_seq INTEGER NOT NULL,"
-    " last_seq INTEGER NOT NULL, count INTEGER NOT NULL, ts_ms INTEGER NOT NULL, detail TEXT,"
-    " received_ms INTEGER NOT NULL, PRIMARY KEY(agent_id, epoch, id));"
+    "CREATE TABLE IF NOT EXISTS losses" LOSSES_COLUMNS ";" LOSSES_INDEX
     "CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value INTEGER NOT NULL);"
-    "INSERT OR IGNORE INTO meta(key, value) VALUES('schema_version', 1);";
+    "INSERT OR IGNORE INTO meta(key, value) VALUES('schema_version', 2);";
+
+/* Version 1 -> 2, inside the open transaction: every old entry was written by the spool of
+ * the epoch it describes (nothing else could be stored under the old key), so
+ * origin_epoch = epoch. Copied in received order so that order survives. */
+static const char upgrade_v1_sql[] =
+    "CREATE TABLE losses_v2" LOSSES_COLUMNS ";"
+    "INSERT INTO losses_v2(agent_id, origin_epoch, id, reason, epoch, first_seq, last_seq,"
+    " count, ts_ms, detail, received_ms) SELECT agent_id, epoch, id, reason, epoch, first_seq,"
+    " last_seq, count, ts_ms, detail, received_ms FROM losses ORDER BY received_ms, rowid;"
+    "DROP TABLE losses;"
+    "ALTER TABLE losses_v2 RENAME TO losses;" LOSSES_INDEX
+    "UPDATE meta SET value = 2 WHERE key = 'schema_version';";
 
 static const char ins_record_sql[] =
     "INSERT OR IGNORE INTO records(agent_id, epoch, seq, ts_ms, stream, content_type, payload,"
@@ -39,18 +60,45 @@ static const char upsert_agent_sql[] =
     " spool_depth = excluded.spool_depth, oldest_pending_ms = excluded.oldest_pending_ms,"
     " records = records + excluded.records";
 static const char ins_loss_sql[] =
-    "INSERT OR IGNORE INTO losses(agent_id, epoch, id, reason, first_seq, last_seq, count, ts_ms,"
-    " detail, received_ms) VALUES(?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)";
+    "INSERT OR IGNORE INTO losses(agent_id, origin_epoch, id, reason, epoch, first_seq, last_seq,"
+    " count, ts_ms, detail, received_ms) VALUES(?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)";
 static const char list_agents_sql[] =
     "SELECT id, first_seen_ms, last_seen_ms, spool_depth, oldest_pending_ms, records"
     " FROM agents ORDER BY id";
 static const char agent_exists_sql[] = "SELECT 1 FROM agents WHERE id = ?1";
 static const char records_all_sql[] =
-    "SELECT epoch, seq, ts_ms, stream, content_type, payload FROM records"
+    "SELECT epoch, seq, ts_ms, stream, content_type, payload, received_ms FROM records"
     " WHERE agent_id = ?1 AND seq > ?2 ORDER BY epoch, seq LIMIT ?3";
 static const char records_epoch_sql[] =
-    "SELECT epoch, seq, ts_ms, stream, content_type, payload FROM records"
+    "SELECT epoch, seq, ts_ms, stream, content_type, payload, received_ms FROM records"
     " WHERE agent_id = ?1 AND epoch = ?4 AND seq > ?2 ORDER BY seq LIMIT ?3";
+/* rowid is insertion order (VACUUM may renumber it, but keeps its order). */
+static const char losses_sql[] =
+    "SELECT origin_epoch, id, reason, epoch, first_seq, last_seq, count, ts_ms, detail,"
+    " received_ms FROM losses WHERE agent_id = ?1 ORDER BY received_ms, rowid";
+/* The agent's epochs: those with records, found by skipping from one epoch to the next on the
+ * primary key (one index probe per epoch, not a scan of the records), and those that only the
+ * ledger names. ?2 NULL means all. */
+static const char gap_epochs_sql[] =
+    "WITH RECURSIVE e(epoch) AS (SELECT min(epoch) FROM records WHERE agent_id = ?1"
+    " UNION ALL SELECT (SELECT min(r.epoch) FROM records r WHERE r.agent_id = ?1"
+    " AND r.epoch > e.epoch) FROM e WHERE e.epoch IS NOT NULL)"
+    " SELECT epoch FROM e WHERE epoch IS NOT NULL AND (?2 IS NULL OR epoch = ?2)"
+    " UNION SELECT epoch FROM losses WHERE agent_id = ?1 AND (?2 IS NULL OR epoch = ?2)"
+    " ORDER BY 1";
+static const char gap_stats_sql[] =
+    "SELECT (SELECT count(*) FROM records WHERE agent_id = ?1 AND epoch = ?2),"
+    " (SELECT max(seq) FROM records WHERE agent_id = ?1 AND epoch = ?2),"
+    " (SELECT max(last_seq) FROM losses WHERE agent_id = ?1 AND epoch = ?2)";
+/* The holes between received seqs, in one ordered scan of the primary key: LAG pairs each seq
+ * with the one before it (0 before the first, so a hole from seq 1 shows too). The hole after
+ * the highest received seq, up to what the ledger names, is added by the caller. */
+static const char gap_holes_sql[] =
+    "SELECT prev + 1, seq - 1 FROM (SELECT seq, lag(seq, 1, 0) OVER (ORDER BY seq) AS prev"
+    " FROM records WHERE agent_id = ?1 AND epoch = ?2) WHERE seq > prev + 1";
+static const char gap_ledger_sql[] =
+    "SELECT first_seq, last_seq, origin_epoch, id, reason FROM losses"
+    " WHERE agent_id = ?1 AND epoch = ?2 AND last_seq >= first_seq ORDER BY first_seq";
 
 struct recv_store {
     pthread_mutex_t wlock; /* guards wdb and its statements */
@@ -58,6 +106,7 @@ struct recv_store {
     sqlite3 *wdb, *rdb;
     sqlite3_stmt *ins_record, *upsert_agent, *ins_loss;
     sqlite3_stmt *list_agents, *agent_exists, *records_all, *records_epoch;
+    sqlite3_stmt *losses, *gap_epochs, *gap_stats, *gap_holes, *gap_ledger;
     int failing; /* last put_batch failed: warn once, report unhealthy; atomic access */
 };
 
@@ -130,6 +179,11 @@ static void sqlite_close(struct recv_store *s)
     sqlite3_finalize(s->agent_exists);
     sqlite3_finalize(s->records_all);
     sqlite3_finalize(s->records_epoch);
+    sqlite3_finalize(s->losses);
+    sqlite3_finalize(s->gap_epochs);
+    sqlite3_finalize(s->gap_stats);
+    sqlite3_finalize(s->gap_holes);
+    sqlite3_finalize(s->gap_ledger);
     sqlite3_close(s->rdb);
     sqlite3_close(s->wdb);
     pthread_mutex_destroy(&s->wlock);
@@ -137,11 +191,81 @@ static void sqlite_close(struct recv_store *s)
     free(s);
 }
 
+/* The schema version of DB: 0 when the file has no schema yet. Returns 0 or CIS_E*. */
+static int schema_version(sqlite3 *db, sqlite3_int64 *version, char *err, size_t errlen)
+{
+    sqlite3_stmt *st = NULL;
+    int rc;
+
+    *version = 0;
+    rc = prep(db, "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'", &st, err,
+              errlen);
+    if (rc)
+        return rc;
+    rc = sqlite3_step(st);
+    sqlite3_finalize(st);
+    st = NULL;
+    if (rc == SQLITE_DONE)
+        return 0;
+    if (rc != SQLITE_ROW) {
+        snprintf(err, errlen, "reading the schema: %s", sqlite3_errmsg(db));
+        return sqlite_err(rc);
+    }
+    rc = prep(db, "SELECT value FROM meta WHERE key = 'schema_version'", &st, err, errlen);
+    if (rc)
+        return rc;
+    rc = sqlite3_step(st);
+    if (rc == SQLITE_ROW)
+        *version = sqlite3_column_int64(st, 0);
+    else if (rc != SQLITE_DONE)
+        snprintf(err, errlen, "reading the schema version: %s", sqlite3_errmsg(db));
+    sqlite3_finalize(st);
+    if (rc != SQLITE_ROW && rc != SQLITE_DONE)
+        return sqlite_err(rc);
+    if (rc == SQLITE_DONE)
+        *version = -1; /* a meta table without a version: not ours */
+    return 0;
+}
+
+/* Inside the caller's write transaction: create the schema on an empty file, upgrade an
+ * older one, refuse a newer or unknown one. Returns 0 or CIS_E* with a reason in ERR. */
+static int schema_setup(sqlite3 *db, const char *path, char *err, size_t errlen)
+{
+    sqlite3_int64 v;
+    int rc = schema_version(db, &v, err, errlen);
+
+    if (rc)
+        return rc;
+    if (v == 0 || v == SCHEMA_VERSION)
+        return exec(db, schema_sql, err, errlen);
+    if (v == 1) {
+        char why[200];
+        rc = exec(db, upgrade_v1_sql, why, sizeof why);
+        if (rc) {
+            snprintf(err, errlen,
+                     "%s: upgrading the schema from version 1 to %d failed, nothing"
+                     " was changed: %s",
+                     path, SCHEMA_VERSION, why);
+            return rc;
+        }
+        cis_info("[store] %s: schema upgraded from version 1 to %d", path, SCHEMA_VERSION);
+        return 0;
+    }
+    if (v > SCHEMA_VERSION)
+        snprintf(err, errlen,
+                 "%s: schema version %lld was written by a newer receiver (this one knows up to"
+                 " %d); run that version or newer, the file is left as it is",
+                 path, (long long)v, SCHEMA_VERSION);
+    else
+        snprintf(err, errlen, "%s: unknown schema version %lld (this receiver knows 1..%d)", path,
+                 (long long)v, SCHEMA_VERSION);
+    return CIS_EDB;
+}
+
 static int sqlite_open(const struct recv_store_opts *o, struct recv_store **out, char *err,
                        size_t errlen)
 {
     struct recv_store *s = NULL;
-    sqlite3_stmt *st = NULL;
     char pragmas[160];
     int rc;
 
@@ -166,10 +290,13 @@ static int sqlite_open(const struct recv_store_opts *o, struct recv_store **out,
     rc = exec(s->wdb, pragmas, err, errlen);
     if (rc)
         goto out;
+    /* Check and create or upgrade the schema in one write transaction: a second receiver
+     * starting on the same file waits, then finds the finished schema; a failed upgrade
+     * leaves version 1 as it was. */
     rc = exec(s->wdb, "BEGIN IMMEDIATE", err, errlen);
     if (rc)
         goto out;
-    rc = exec(s->wdb, schema_sql, err, errlen);
+    rc = schema_setup(s->wdb, o->path, err, errlen);
     if (rc) {
         char dummy[8];
         exec(s->wdb, "ROLLBACK", dummy, sizeof dummy);
@@ -178,16 +305,6 @@ static int sqlite_open(const struct recv_store_opts *o, struct recv_store **out,
     rc = exec(s->wdb, "COMMIT", err, errlen);
     if (rc)
         goto out;
-
-    rc = prep(s->wdb, "SELECT value FROM meta WHERE key = 'schema_version'", &st, err, errlen);
-    if (rc)
-        goto out;
-    if (sqlite3_step(st) != SQLITE_ROW || sqlite3_column_int64(st, 0) != SCHEMA_VERSION) {
-        snprintf(err, errlen, "%s: unknown schema version (this receiver knows %d)", o->path,
-                 SCHEMA_VERSION);
-        rc = CIS_EDB;
-        goto out;
-    }
 
     rc = open_conn(o, 1, &s->rdb, err, errlen);
     if (rc)
@@ -198,12 +315,16 @@ static int sqlite_open(const struct recv_store_opts *o, struct recv_store **out,
         (rc = prep(s->rdb, list_agents_sql, &s->list_agents, err, errlen)) ||
         (rc = prep(s->rdb, agent_exists_sql, &s->agent_exists, err, errlen)) ||
         (rc = prep(s->rdb, records_all_sql, &s->records_all, err, errlen)) ||
-        (rc = prep(s->rdb, records_epoch_sql, &s->records_epoch, err, errlen)))
+        (rc = prep(s->rdb, records_epoch_sql, &s->records_epoch, err, errlen)) ||
+        (rc = prep(s->rdb, losses_sql, &s->losses, err, errlen)) ||
+        (rc = prep(s->rdb, gap_epochs_sql, &s->gap_epochs, err, errlen)) ||
+        (rc = prep(s->rdb, gap_stats_sql, &s->gap_stats, err, errlen)) ||
+        (rc = prep(s->rdb, gap_holes_sql, &s->gap_holes, err, errlen)) ||
+        (rc = prep(s->rdb, gap_ledger_sql, &s->gap_ledger, err, errlen)))
         goto out;
     *out = s;
     s = NULL;
 out:
-    sqlite3_finalize(st);
     sqlite_close(s);
     return rc;
 }
@@ -278,19 +399,22 @@ static int sqlite_put_batch(struct recv_store *s, const struct cis_decoded_batch
     for (size_t i = 0; i < h->n_losses; i++) {
         const Cistern__V1__LossEntry *l = h->losses[i];
         sqlite3_stmt *st = s->ins_loss;
+        /* Ledger ids count per spool: the entry is the header epoch's (the spool that wrote
+         * it), whatever epoch its range is in. */
         sqlite3_bind_text(st, 1, agent, -1, SQLITE_STATIC);
-        sqlite3_bind_int64(st, 2, (sqlite3_int64)l->epoch);
+        sqlite3_bind_int64(st, 2, epoch);
         sqlite3_bind_int64(st, 3, (sqlite3_int64)l->id);
         sqlite3_bind_text(st, 4, l->reason ? l->reason : "", -1, SQLITE_STATIC);
-        sqlite3_bind_int64(st, 5, (sqlite3_int64)l->first_seq);
-        sqlite3_bind_int64(st, 6, (sqlite3_int64)l->last_seq);
-        sqlite3_bind_int64(st, 7, (sqlite3_int64)l->count);
-        sqlite3_bind_int64(st, 8, l->ts_ms);
+        sqlite3_bind_int64(st, 5, (sqlite3_int64)l->epoch);
+        sqlite3_bind_int64(st, 6, (sqlite3_int64)l->first_seq);
+        sqlite3_bind_int64(st, 7, (sqlite3_int64)l->last_seq);
+        sqlite3_bind_int64(st, 8, (sqlite3_int64)l->count);
+        sqlite3_bind_int64(st, 9, l->ts_ms);
         if (l->detail != NULL && l->detail[0] != '\0')
-            sqlite3_bind_text(st, 9, l->detail, -1, SQLITE_STATIC);
+            sqlite3_bind_text(st, 10, l->detail, -1, SQLITE_STATIC);
         else
-            sqlite3_bind_null(st, 9);
-        sqlite3_bind_int64(st, 10, now_ms);
+            sqlite3_bind_null(st, 10);
+        sqlite3_bind_int64(st, 11, now_ms);
         rc = step_done(st);
         if (rc != SQLITE_OK)
             goto out;
@@ -345,31 +469,46 @@ static int sqlite_list_agents(struct recv_store *s, recv_agent_cb cb, void *ud)
     return ret;
 }
 
+/* Reset a read statement and drop its bindings. */
+static void stmt_done(sqlite3_stmt *st)
+{
+    sqlite3_reset(st);
+    sqlite3_clear_bindings(st);
+}
+
+/* With rlock held: open a read transaction, so that every read until read_end sees one WAL
+ * snapshot, and check that AGENT_ID is known. Returns 0 with the transaction open, or
+ * CIS_ENOTFOUND / CIS_E* with it closed. */
+static int read_begin(struct recv_store *s, const char *agent_id)
+{
+    int rc = sqlite3_exec(s->rdb, "BEGIN", NULL, NULL, NULL);
+
+    if (rc != SQLITE_OK)
+        return sqlite_err(rc);
+    sqlite3_bind_text(s->agent_exists, 1, agent_id, -1, SQLITE_STATIC);
+    rc = sqlite3_step(s->agent_exists);
+    stmt_done(s->agent_exists);
+    if (rc == SQLITE_ROW)
+        return 0;
+    sqlite3_exec(s->rdb, "COMMIT", NULL, NULL, NULL);
+    return rc == SQLITE_DONE ? CIS_ENOTFOUND : sqlite_err(rc);
+}
+
+static void read_end(struct recv_store *s)
+{
+    sqlite3_exec(s->rdb, "COMMIT", NULL, NULL, NULL);
+}
+
 static int sqlite_get_records(struct recv_store *s, const struct recv_records_query *q,
                               recv_record_cb cb, void *ud)
 {
     sqlite3_stmt *st;
-    int rc, ret = 0;
+    int rc, ret;
 
     pthread_mutex_lock(&s->rlock);
-    /* Read the existence check and the rows in one read transaction (one WAL snapshot). */
-    rc = sqlite3_exec(s->rdb, "BEGIN", NULL, NULL, NULL);
-    if (rc != SQLITE_OK) {
-        ret = sqlite_err(rc);
+    ret = read_begin(s, q->agent_id);
+    if (ret)
         goto unlock;
-    }
-    sqlite3_bind_text(s->agent_exists, 1, q->agent_id, -1, SQLITE_STATIC);
-    rc = sqlite3_step(s->agent_exists);
-    sqlite3_reset(s->agent_exists);
-    sqlite3_clear_bindings(s->agent_exists);
-    if (rc == SQLITE_DONE) {
-        ret = CIS_ENOTFOUND;
-        goto out;
-    }
-    if (rc != SQLITE_ROW) {
-        ret = sqlite_err(rc);
-        goto out;
-    }
 
     st = q->has_epoch ? s->records_epoch : s->records_all;
     sqlite3_bind_text(st, 1, q->agent_id, -1, SQLITE_STATIC);
@@ -385,6 +524,7 @@ static int sqlite_get_records(struct recv_store *s, const struct recv_records_qu
             .ts_ms = sqlite3_column_int64(st, 2),
             .stream = (const char *)sqlite3_column_text(st, 3),
             .content_type = (const char *)sqlite3_column_text(st, 4),
+            .received_ms = sqlite3_column_int64(st, 6),
         };
         r.payload_len = (size_t)sqlite3_column_bytes(st, 5);
         r.payload = blob ? blob : (const uint8_t *)"";
@@ -396,12 +536,315 @@ static int sqlite_get_records(struct recv_store *s, const struct recv_records_qu
     }
     if (ret == 0 && rc != SQLITE_DONE)
         ret = sqlite_err(rc);
-    sqlite3_reset(st);
-    sqlite3_clear_bindings(st);
-out:
-    sqlite3_exec(s->rdb, "COMMIT", NULL, NULL, NULL);
+    stmt_done(st);
+    read_end(s);
 unlock:
     pthread_mutex_unlock(&s->rlock);
+    return ret;
+}
+
+static int sqlite_get_losses(struct recv_store *s, const char *agent_id, recv_loss_cb cb, void *ud)
+{
+    sqlite3_stmt *st = s->losses;
+    int rc, ret;
+
+    pthread_mutex_lock(&s->rlock);
+    ret = read_begin(s, agent_id);
+    if (ret)
+        goto unlock;
+    sqlite3_bind_text(st, 1, agent_id, -1, SQLITE_STATIC);
+    while ((rc = sqlite3_step(st)) == SQLITE_ROW) {
+        struct recv_loss_view l = {
+            .origin_epoch = (uint64_t)sqlite3_column_int64(st, 0),
+            .id = (uint64_t)sqlite3_column_int64(st, 1),
+            .reason = (const char *)sqlite3_column_text(st, 2),
+            .epoch = (uint64_t)sqlite3_column_int64(st, 3),
+            .first_seq = (uint64_t)sqlite3_column_int64(st, 4),
+            .last_seq = (uint64_t)sqlite3_column_int64(st, 5),
+            .count = (uint64_t)sqlite3_column_int64(st, 6),
+            .ts_ms = sqlite3_column_int64(st, 7),
+            .detail = (const char *)sqlite3_column_text(st, 8),
+            .received_ms = sqlite3_column_int64(st, 9),
+        };
+        if (l.reason == NULL)
+            l.reason = "";
+        ret = cb(ud, &l);
+        if (ret)
+            break;
+    }
+    if (ret == 0 && rc != SQLITE_DONE)
+        ret = sqlite_err(rc);
+    stmt_done(st);
+    read_end(s);
+unlock:
+    pthread_mutex_unlock(&s->rlock);
+    return ret;
+}
+
+/* ---- get_gaps: missing ranges of an epoch, classified against its ledger entries ----
+ *
+ * The holes between received seqs come from SQL (gap_holes_sql), ascending. Each hole is then
+ * cut where ledger coverage changes, in one sweep that reads the epoch's entries in first_seq
+ * order alongside the holes: an entry is "active" from its first_seq to its last_seq, and
+ * where several are active the first by (origin_epoch, id) names the reason. Work is per hole
+ * and per entry, never per seq, so a hole of 2^40 seqs costs what a hole of 1 does. */
+
+struct cover {
+    uint64_t first, last;
+    sqlite3_int64 origin, id;
+    const char *reason; /* interned in gap_sweep.reasons */
+};
+
+struct gap_sweep {
+    sqlite3_stmt *ledger; /* gap_ledger_sql, bound and stepping */
+    int have_next;        /* NEXT holds the ledger row not yet made active */
+    struct cover next;
+    struct cover *active;
+    size_t nactive, cap_active;
+    char **reasons; /* distinct reason strings; pointers compare equal for equal reasons */
+    size_t nreasons;
+    struct recv_gap *gaps; /* the answer for the current epoch */
+    size_t ngaps, cap_gaps, max_gaps;
+    struct recv_gap pend; /* last piece, still growing while the next one is adjacent */
+    int have_pend;
+    int truncated;
+};
+
+/* Copy of REASON that lives as long as the sweep: one per distinct reason. NULL on OOM. */
+static const char *sweep_intern(struct gap_sweep *w, const char *reason)
+{
+    char **r;
+
+    for (size_t i = 0; i < w->nreasons; i++)
+        if (strcmp(w->reasons[i], reason) == 0)
+            return w->reasons[i];
+    r = realloc(w->reasons, (w->nreasons + 1) * sizeof *r);
+    if (r == NULL)
+        return NULL;
+    w->reasons = r;
+    r[w->nreasons] = strdup(reason);
+    if (r[w->nreasons] == NULL)
+        return NULL;
+    return r[w->nreasons++];
+}
+
+/* Step the ledger statement into NEXT. Returns 0 or CIS_E*. */
+static int sweep_next_entry(struct gap_sweep *w)
+{
+    int rc = sqlite3_step(w->ledger);
+    const char *reason;
+
+    w->have_next = 0;
+    if (rc == SQLITE_DONE)
+        return 0;
+    if (rc != SQLITE_ROW)
+        return sqlite_err(rc);
+    reason = (const char *)sqlite3_column_text(w->ledger, 4);
+    w->next = (struct cover){
+        .first = (uint64_t)sqlite3_column_int64(w->ledger, 0),
+        .last = (uint64_t)sqlite3_column_int64(w->ledger, 1),
+        .origin = sqlite3_column_int64(w->ledger, 2),
+        .id = sqlite3_column_int64(w->ledger, 3),
+        .reason = sweep_intern(w, reason ? reason : ""),
+    };
+    if (w->next.reason == NULL)
+        return CIS_ENOMEM;
+    w->have_next = 1;
+    return 0;
+}
+
+/* Move the finished piece into the answer; past the cap, only note that there is more. */
+static int sweep_flush(struct gap_sweep *w)
+{
+    if (!w->have_pend)
+        return 0;
+    w->have_pend = 0;
+    if (w->ngaps == w->max_gaps) {
+        w->truncated = 1;
+        return 0;
+    }
+    if (w->ngaps == w->cap_gaps) {
+        size_t cap = w->cap_gaps ? w->cap_gaps * 2 : 16;
+        struct recv_gap *g;
+        if (cap > w->max_gaps)
+            cap = w->max_gaps;
+        g = realloc(w->gaps, cap * sizeof *g);
+        if (g == NULL)
+            return CIS_ENOMEM;
+        w->gaps = g;
+        w->cap_gaps = cap;
+    }
+    w->gaps[w->ngaps++] = w->pend;
+    return 0;
+}
+
+/* Add FIRST..LAST with REASON (interned or NULL), merged into the previous piece when they
+ * touch and say the same. */
+static int sweep_emit(struct gap_sweep *w, uint64_t first, uint64_t last, const char *reason)
+{
+    int rc;
+
+    if (w->have_pend && w->pend.last_seq + 1 == first && w->pend.reason == reason) {
+        w->pend.last_seq = last;
+        return 0;
+    }
+    rc = sweep_flush(w);
+    if (rc)
+        return rc;
+    w->pend = (struct recv_gap){.first_seq = first, .last_seq = last, .reason = reason};
+    w->have_pend = 1;
+    return 0;
+}
+
+/* Classify the hole A..B (holes come ascending and disjoint). Returns 0 or CIS_E*. */
+static int sweep_hole(struct gap_sweep *w, uint64_t a, uint64_t b)
+{
+    uint64_t pos = a;
+    int rc;
+
+    while (!w->truncated) {
+        const struct cover *win = NULL;
+        uint64_t end = b;
+
+        /* Entries that start at or before POS become active (unless already over). */
+        while (w->have_next && w->next.first <= pos) {
+            if (w->next.last >= pos) {
+                if (w->nactive == w->cap_active) {
+                    size_t cap = w->cap_active ? w->cap_active * 2 : 8;
+                    struct cover *c = realloc(w->active, cap * sizeof *c);
+                    if (c == NULL)
+                        return CIS_ENOMEM;
+                    w->active = c;
+                    w->cap_active = cap;
+                }
+                w->active[w->nactive++] = w->next;
+            }
+            rc = sweep_next_entry(w);
+            if (rc)
+                return rc;
+        }
+        for (size_t i = 0; i < w->nactive;) {
+            if (w->active[i].last < pos) {
+                w->active[i] = w->active[--w->nactive];
+                continue;
+            }
+            if (win == NULL || w->active[i].origin < win->origin ||
+                (w->active[i].origin == win->origin && w->active[i].id < win->id))
+                win = &w->active[i];
+            i++;
+        }
+        /* The piece ends where the winner's range ends or where another entry starts. */
+        if (w->have_next && w->next.first - 1 < end)
+            end = w->next.first - 1;
+        if (win != NULL && win->last < end)
+            end = win->last;
+        rc = sweep_emit(w, pos, end, win ? win->reason : NULL);
+        if (rc)
+            return rc;
+        if (end == b)
+            break;
+        pos = end + 1;
+    }
+    return 0;
+}
+
+/* Fill E for EPOCH of AGENT: counts, then the holes classified. Returns 0 or CIS_E*. */
+static int gaps_of_epoch(struct recv_store *s, struct gap_sweep *w, const char *agent,
+                         sqlite3_int64 epoch, struct recv_epoch_gaps *e)
+{
+    uint64_t hi_received, hi_ledger;
+    int rc = SQLITE_DONE, ret = 0;
+
+    memset(e, 0, sizeof *e);
+    e->epoch = (uint64_t)epoch;
+    sqlite3_bind_text(s->gap_stats, 1, agent, -1, SQLITE_STATIC);
+    sqlite3_bind_int64(s->gap_stats, 2, epoch);
+    rc = sqlite3_step(s->gap_stats);
+    if (rc != SQLITE_ROW) {
+        stmt_done(s->gap_stats);
+        return sqlite_err(rc);
+    }
+    e->received = (uint64_t)sqlite3_column_int64(s->gap_stats, 0);
+    hi_received = (uint64_t)sqlite3_column_int64(s->gap_stats, 1); /* NULL reads as 0 */
+    hi_ledger = (uint64_t)sqlite3_column_int64(s->gap_stats, 2);
+    stmt_done(s->gap_stats);
+    e->highest_seq = hi_ledger > hi_received ? hi_ledger : hi_received;
+
+    w->nactive = 0;
+    w->ngaps = 0;
+    w->have_pend = 0;
+    w->truncated = 0;
+    sqlite3_bind_text(s->gap_ledger, 1, agent, -1, SQLITE_STATIC);
+    sqlite3_bind_int64(s->gap_ledger, 2, epoch);
+    ret = sweep_next_entry(w);
+    if (ret)
+        goto out;
+
+    sqlite3_bind_text(s->gap_holes, 1, agent, -1, SQLITE_STATIC);
+    sqlite3_bind_int64(s->gap_holes, 2, epoch);
+    while (!w->truncated && (rc = sqlite3_step(s->gap_holes)) == SQLITE_ROW) {
+        ret = sweep_hole(w, (uint64_t)sqlite3_column_int64(s->gap_holes, 0),
+                         (uint64_t)sqlite3_column_int64(s->gap_holes, 1));
+        if (ret)
+            goto out;
+    }
+    if (!w->truncated && rc != SQLITE_DONE) {
+        ret = sqlite_err(rc);
+        goto out;
+    }
+    /* Above the highest received seq, up to the highest seq the ledger names. */
+    if (!w->truncated && hi_received < e->highest_seq) {
+        ret = sweep_hole(w, hi_received + 1, e->highest_seq);
+        if (ret)
+            goto out;
+    }
+    if (!w->truncated)
+        ret = sweep_flush(w);
+    e->gaps = w->gaps;
+    e->ngaps = w->ngaps;
+    e->truncated = w->truncated;
+out:
+    stmt_done(s->gap_holes);
+    stmt_done(s->gap_ledger);
+    return ret;
+}
+
+static int sqlite_get_gaps(struct recv_store *s, const struct recv_gaps_query *q, recv_gaps_cb cb,
+                           void *ud)
+{
+    struct gap_sweep w = {.ledger = s->gap_ledger,
+                          .max_gaps = q->max_gaps ? q->max_gaps : RECV_GAPS_MAX};
+    struct recv_epoch_gaps e;
+    sqlite3_stmt *st = s->gap_epochs;
+    int rc, ret;
+
+    pthread_mutex_lock(&s->rlock);
+    ret = read_begin(s, q->agent_id);
+    if (ret)
+        goto unlock;
+    sqlite3_bind_text(st, 1, q->agent_id, -1, SQLITE_STATIC);
+    if (q->has_epoch)
+        sqlite3_bind_int64(st, 2, (sqlite3_int64)q->epoch);
+    else
+        sqlite3_bind_null(st, 2);
+    while ((rc = sqlite3_step(st)) == SQLITE_ROW) {
+        ret = gaps_of_epoch(s, &w, q->agent_id, sqlite3_column_int64(st, 0), &e);
+        if (ret == 0)
+            ret = cb(ud, &e);
+        if (ret)
+            break;
+    }
+    if (ret == 0 && rc != SQLITE_DONE)
+        ret = sqlite_err(rc);
+    stmt_done(st);
+    read_end(s);
+unlock:
+    pthread_mutex_unlock(&s->rlock);
+    for (size_t i = 0; i < w.nreasons; i++)
+        free(w.reasons[i]);
+    free(w.reasons);
+    free(w.active);
+    free(w.gaps);
     return ret;
 }
 
@@ -431,5 +874,7 @@ const struct recv_store_ops recv_store_sqlite = {
     .put_batch = sqlite_put_batch,
     .list_agents = sqlite_list_agents,
     .get_records = sqlite_get_records,
+    .get_losses = sqlite_get_losses,
+    .get_gaps = sqlite_get_gaps,
     .health = sqlite_health,
 };

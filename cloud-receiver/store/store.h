@@ -34,6 +34,7 @@ struct recv_agent_info {
 struct recv_record_view {
     uint64_t epoch, seq;
     int64_t ts_ms;
+    int64_t received_ms; /* when the receiver stored it: batches arrive in this order */
     const char *stream;
     const char *content_type; /* NULL when none */
     const uint8_t *payload;
@@ -48,9 +49,52 @@ struct recv_records_query {
     unsigned limit; /* at most this many rows */
 };
 
+/* One loss-ledger entry as the agent sent it. ORIGIN_EPOCH is the epoch of the spool that
+ * wrote the entry (the batch header's); EPOCH is the epoch of the records it describes. They
+ * differ for a corrupt_spool entry written by a fresh spool about the old one. */
+struct recv_loss_view {
+    uint64_t origin_epoch, id; /* (agent, origin_epoch, id) identifies the entry */
+    const char *reason; /* evicted_full | expired_ttl | rejected | corrupt_spool | tampered */
+    uint64_t epoch, first_seq, last_seq, count;
+    int64_t ts_ms;      /* agent's wall clock; information only */
+    const char *detail; /* NULL when none */
+    int64_t received_ms;
+};
+
+struct recv_gaps_query {
+    const char *agent_id;
+    int has_epoch; /* 0: every epoch of the agent, ascending */
+    uint64_t epoch;
+    unsigned max_gaps; /* per epoch; 0 means RECV_GAPS_MAX */
+};
+
+#define RECV_GAPS_MAX 1000
+
+/* A missing seq range. REASON is the ledger reason when an entry for the epoch covers it
+ * ("dropped at the edge"), NULL when none does ("not yet received"). */
+struct recv_gap {
+    uint64_t first_seq, last_seq;
+    const char *reason;
+};
+
+/* What get_gaps knows about one epoch. HIGHEST_SEQ is the highest seq known: the highest
+ * received, or the highest last_seq of the epoch's ledger entries if that is higher. GAPS are
+ * the missing ranges below it, ascending, adjacent ranges of the same status merged; when
+ * there are more than the query's cap, the first ones and TRUNCATED = 1. */
+struct recv_epoch_gaps {
+    uint64_t epoch;
+    uint64_t received; /* records stored for the epoch */
+    uint64_t highest_seq;
+    const struct recv_gap *gaps;
+    size_t ngaps;
+    int truncated;
+};
+
 /* Callbacks return 0 to continue, non-zero to stop (that value is returned by the caller). */
 typedef int (*recv_agent_cb)(void *ud, const struct recv_agent_info *a);
 typedef int (*recv_record_cb)(void *ud, const struct recv_record_view *r);
+typedef int (*recv_loss_cb)(void *ud, const struct recv_loss_view *l);
+typedef int (*recv_gaps_cb)(void *ud, const struct recv_epoch_gaps *e);
 
 struct recv_store_ops {
     const char *name;
@@ -61,7 +105,8 @@ struct recv_store_ops {
     /* Close and free. Accepts NULL. */
     void (*close)(struct recv_store *s);
     /* Store every record of B (borrowed, already checked by recv_batch_check) in one
-     * transaction, upsert the agent row and the loss entries. NOW_MS is the receive time.
+     * transaction, upsert the agent row and the loss entries (each keyed by agent, the
+     * header's epoch and its id: a repeated entry is stored once). NOW_MS is the receive time.
      * Fills RES only when the transaction committed. Thread-safe. Returns 0 or CIS_EDB /
      * CIS_EFULL / CIS_EAGAIN (the agent should retry). */
     int (*put_batch)(struct recv_store *s, const struct cis_decoded_batch *b, int64_t now_ms,
@@ -72,6 +117,15 @@ struct recv_store_ops {
      * agent is unknown. Thread-safe. */
     int (*get_records)(struct recv_store *s, const struct recv_records_query *q, recv_record_cb cb,
                        void *ud);
+    /* Call CB for every loss-ledger entry of AGENT_ID, in the order they were received.
+     * CIS_ENOTFOUND when the agent is unknown. Thread-safe. */
+    int (*get_losses)(struct recv_store *s, const char *agent_id, recv_loss_cb cb, void *ud);
+    /* Call CB once per epoch of the agent that has records or ledger entries (only Q->epoch
+     * when Q->has_epoch; none when the agent never used it), ascending, with the epoch's
+     * missing seq ranges classified against the ledger (see struct recv_epoch_gaps).
+     * CIS_ENOTFOUND when the agent is unknown. Thread-safe. */
+    int (*get_gaps)(struct recv_store *s, const struct recv_gaps_query *q, recv_gaps_cb cb,
+                    void *ud);
     /* 0 when the store answers queries, CIS_EDB otherwise. Thread-safe. */
     int (*health)(struct recv_store *s);
 };
