@@ -35,7 +35,10 @@ int recv_batch_check(const struct cis_decoded_batch *b, char *why, size_t whylen
     }
     for (size_t i = 0; i < h->n_losses; i++) {
         const Cistern__V1__LossEntry *l = h->losses[i];
-        if (l->epoch == 0 || l->epoch > (uint64_t)INT64_MAX) {
+        /* Epoch 0 means "unknown": only a corrupt_spool entry, whose old spool could not be
+         * read, may carry it. */
+        int unknown_ok = l->reason && strcmp(l->reason, "corrupt_spool") == 0;
+        if ((l->epoch == 0 && !unknown_ok) || l->epoch > (uint64_t)INT64_MAX) {
             snprintf(why, whylen, "loss entry %zu: epoch out of range (1..2^63-1)", i);
             return CIS_EDECODE;
         }
