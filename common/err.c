@@ -11,11 +11,13 @@ const char *cis_strerror(int code)
     case CIS_ECONFIG: return "configuration error";
     case CIS_EDECODE: return "malformed data";
     case CIS_ETOOBIG: return "size limit exceeded";
-    case CIS_EFULL: return "disk full";
+    case CIS_EFULL: return "full";
     case CIS_ECORRUPT: return "corrupt data";
     case CIS_ENOTFOUND: return "not found";
     case CIS_EAGAIN: return "try again later";
     case CIS_EDB: return "database error";
+    case CIS_ENOSPC: return "no space left on the device";
+    case CIS_ETAMPERED: return "sealed data failed authentication (tampered)";
     }
     return "unknown error";
 }

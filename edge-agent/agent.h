@@ -6,6 +6,7 @@
 
 #include <poll.h>
 #include <stddef.h>
+#include <stdio.h>
 #include <stdint.h>
 
 #include "agent_config.h"
@@ -109,6 +110,58 @@ int agent_forwarder_idle(const struct agent_forwarder *f);
 /* Abort sends still in flight (their segments return to pending). */
 void agent_forwarder_abort(struct agent_forwarder *f);
 void agent_forwarder_destroy(struct agent_forwarder *f);
+
+/* Replace the spool after a runtime recovery (agent_spool_recover()); every send must have been
+ * aborted first (agent_forwarder_abort()). */
+void agent_forwarder_set_spool(struct agent_forwarder *f, struct agent_spool *spool);
+
+/* The uplink as the forwarder last saw it, for `status`. */
+enum agent_link_state { AGENT_LINK_UNKNOWN = 0, AGENT_LINK_UP = 1, AGENT_LINK_DOWN = 2 };
+
+struct agent_link {
+    int state;                    /* enum agent_link_state: UNKNOWN until the first answer */
+    char last_error[256];         /* the last failed attempt's words; "" if none since start */
+    int64_t last_error_wall_ms;   /* 0: none since start */
+    int64_t last_success_wall_ms; /* last 2xx; 0: none since start */
+    uint64_t consecutive_failures;
+    size_t in_flight;             /* batches being sent now */
+};
+
+void agent_forwarder_link(const struct agent_forwarder *f, struct agent_link *out);
+
+/* ---- spool health, reported by whoever called the spool ---- */
+
+/* A spool call returned RC. CIS_ECORRUPT makes the loop quarantine the spool and open a fresh
+ * one at its next turn (agent_spool_recover()); other codes are ignored here. */
+void agent_spool_failed(struct agent *a, int rc);
+
+/* ---- status: the control socket the agent serves, and the command that reads it ---- */
+
+/* Listen on the Unix socket PATH (mode 0660, a stale socket file is replaced); each connection
+ * gets one JSON object (agent_status_json) and is closed. Returns 0 or CIS_EIO (logged once;
+ * the agent runs on without it). */
+struct agent_control;
+int agent_control_start(struct agent *a, const char *path, struct agent_control **out);
+void agent_control_stop(struct agent_control *c);
+
+/* What the running agent knows beyond the spool file, for the control socket. */
+struct agent_runtime {
+    const char *agent_id;
+    int64_t started_wall_ms;
+    struct agent_link link;
+    struct agent_counters *counters;
+    int spool_full;   /* last commit failed: max_size reached (reject_new) */
+    int disk_full;    /* last commit failed: no space left on the device */
+};
+void agent_runtime(struct agent *a, struct agent_runtime *out);
+
+/* Write S as a JSON string (quoted; control characters escaped, invalid UTF-8 replaced by
+ * U+FFFD); NULL is written as null. Shared by the control socket and `status --json`. */
+void agent_json_str(FILE *f, const char *s);
+
+/* `cistern-agent status [-c FILE] [--json] [--watch] [--interval DUR]`: ARGV[0] is "status".
+ * Returns the process exit status. */
+int agent_status_main(int argc, char **argv);
 
 struct agent_counters {
     uint64_t produced;  /* records taken from inputs */

@@ -11,6 +11,7 @@ static const char *const log_levels[] = {"debug", "info", "warn", "error", NULL}
 static const char *const input_types[] = {"socket", "demo", NULL};
 static const char *const priorities[] = {"high", "normal", "low", NULL};
 static const char *const syncs[] = {"normal", "full", NULL};
+static const char *const when_fulls[] = {"drop_oldest", "reject_new", NULL};
 static const char *const transports[] = {"https", NULL};
 
 #define IN(f) offsetof(struct agent_input_cfg, f)
@@ -41,6 +42,8 @@ static const struct cis_cfg_key input_keys[] = {
      .enum_values = input_types, .help = "socket | demo"},
     {.path = "priority", .type = CIS_CFG_ENUM, .offset = IN(priority), .def = "normal",
      .enum_values = priorities, .help = "high | normal | low: high goes out first"},
+    {.path = "ttl", .type = CIS_CFG_DURATION, .offset = IN(ttl_ms), .def = "0", .min = 0,
+     .max = 3650LL * 86400000, .help = "drop records not delivered within this long (0: never)"},
     {.path = "content_type", .type = CIS_CFG_STRING, .offset = IN(content_type),
      .help = "content type recorded with each record (optional)"},
     {.path = "path", .type = CIS_CFG_STRING, .offset = IN(path),
@@ -85,6 +88,10 @@ static int agent_check(void *obj, struct cis_cfg_report *r)
                              "cert_file and key_file go together");
         return 1;
     }
+    if (c->wal_max_size > c->spool_max_size / 2) {
+        /* The WAL counts against max_size; checkpoints keep it far below its cap. */
+        c->wal_max_size = c->spool_max_size / 2;
+    }
     if (c->retry_max_ms < c->retry_initial_ms) {
         cis_cfg_report_error(r, "forward.retry.max", "must not be less than forward.retry.initial");
         return 1;
@@ -111,6 +118,21 @@ static const struct cis_cfg_key agent_keys[] = {
      .def = "1MiB", .min = 1024, .max = 256 << 20, .help = "commit as soon as this many payload bytes wait"},
     {.path = "spool.compression_level", .type = CIS_CFG_INT, .offset = AC(compression_level),
      .def = "3", .min = 1, .max = 19, .help = "zstd level for segments"},
+    {.path = "spool.max_size", .type = CIS_CFG_SIZE, .offset = AC(spool_max_size),
+     .def = "512MiB", .min = 1 << 20, .max = 1LL << 40,
+     .help = "bound on the spool's files on disk (database + WAL)"},
+    {.path = "spool.when_full", .type = CIS_CFG_ENUM, .offset = AC(when_full),
+     .def = "drop_oldest", .enum_values = when_fulls,
+     .help = "drop_oldest (evict low priority, then oldest; ledgered) | reject_new (ERR full)"},
+    {.path = "spool.wal_max_size", .type = CIS_CFG_SIZE, .offset = AC(wal_max_size),
+     .def = "64MiB", .min = 64 << 10, .max = 1LL << 32,
+     .help = "cap on the WAL file; it is checkpointed and truncated well before"},
+    {.path = "spool.encryption_key_file", .type = CIS_CFG_STRING,
+     .offset = AC(encryption_key_file),
+     .help = "32-byte key (mode 0600) sealing segments with AES-256-GCM; make one with cistern-agent keygen FILE"},
+    {.path = "status.socket", .type = CIS_CFG_STRING, .offset = AC(status_socket),
+     .def = "/run/cistern/agent.sock",
+     .help = "Unix socket where the agent answers `cistern-agent status` (\"\": off)"},
     {.path = "inputs", .type = CIS_CFG_MAPLIST, .offset = AC(inputs), .sub = &input_schema,
      .item_size = sizeof(struct agent_input_cfg), .help = "where records come from"},
     {.path = "forward.transport", .type = CIS_CFG_ENUM, .offset = AC(transport), .def = "https",

@@ -8,11 +8,13 @@
 
 enum agent_input_type { AGENT_INPUT_SOCKET = 0, AGENT_INPUT_DEMO = 1 };
 enum agent_sync { AGENT_SYNC_NORMAL = 0, AGENT_SYNC_FULL = 1 };
+enum agent_when_full { AGENT_WHEN_FULL_DROP_OLDEST = 0, AGENT_WHEN_FULL_REJECT_NEW = 1 };
 
 struct agent_input_cfg {
     char *name;
     int type;     /* enum agent_input_type */
     int priority; /* enum cis_priority */
+    int64_t ttl_ms; /* 0: records never expire */
     char *content_type;
     /* socket */
     char *path;
@@ -34,6 +36,11 @@ struct agent_config {
     int64_t commit_max_records;
     uint64_t commit_max_bytes;
     int64_t compression_level;
+    uint64_t spool_max_size;
+    int when_full; /* enum agent_when_full */
+    uint64_t wal_max_size;
+    char *encryption_key_file;
+    char *status_socket; /* control socket `status` asks; "" disables */
 
     struct cis_maplist inputs; /* struct agent_input_cfg items */
 

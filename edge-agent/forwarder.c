@@ -38,6 +38,10 @@ struct agent_forwarder {
     int failing;       /* the last attempt failed: one batch at a time until one gets through */
     uint64_t failures; /* consecutive failed attempts */
     int ledger_in_flight;
+    int ledger_alone;  /* a batch with loss entries and records was refused: loss entries go
+                        * in batches of their own until they are through */
+    int aborting;      /* inside agent_forwarder_abort(): results say nothing of the link */
+    struct agent_link link; /* for `status`; in_flight is filled in on request */
 };
 
 static void slot_clear(struct slot *s)
@@ -61,15 +65,27 @@ static void on_sent(void *ctx, uint64_t token, const struct agent_send_result *r
     if (!s)
         return;
 
-    if (r->status == 0) {
+    if (f->aborting) {
+        /* We cut the send short (shutdown, or a spool being replaced): the receiver never
+         * answered, so this is neither a link failure nor a reason to back off. */
+        agent_spool_release(f->spool, s->first_seqs, s->nseg);
+    } else if (r->status == 0) {
         /* The receiver answered 2xx only after its store committed: now, and only now, the
          * segments may leave the spool. */
         rc = agent_spool_ack(f->spool, s->first_seqs, s->nseg);
-        if (rc)
+        if (rc) {
             cis_warn("[forward] acknowledged segments could not be deleted (%s): they will be "
                      "sent again, and the receiver will drop the duplicates", cis_strerror(rc));
-        if (s->nledger)
-            agent_spool_ledger_mark_sent(f->spool, s->ledger_ids, s->nledger);
+            /* A failed ack leaves them in flight; only a release makes them claimable again. */
+            agent_spool_release(f->spool, s->first_seqs, s->nseg);
+            f->due_at = now;
+            agent_spool_failed(f->a, rc);
+        }
+        if (s->nledger) {
+            rc = agent_spool_ledger_mark_sent(f->spool, s->ledger_ids, s->nledger);
+            if (rc)
+                agent_spool_failed(f->a, rc);
+        }
         cnt->delivered += s->nrecords;
         if (f->failing)
             cis_info("[forward] delivering again after %llu failed attempt%s",
@@ -77,6 +93,9 @@ static void on_sent(void *ctx, uint64_t token, const struct agent_send_result *r
         f->failing = 0;
         f->failures = 0;
         cis_backoff_reset(&f->bo);
+        f->link.state = AGENT_LINK_UP;
+        f->link.last_success_wall_ms = cis_wall_ms();
+        f->link.consecutive_failures = 0;
     } else if (r->status == CIS_EAGAIN) {
         int64_t delay = cis_backoff_next(&f->bo);
         /* Unreachable (no HTTP answer): a connection attempt costs a down receiver nothing,
@@ -97,33 +116,66 @@ static void on_sent(void *ctx, uint64_t token, const struct agent_send_result *r
             cis_debug("[forward] retry failed: %s (next in %lld ms)", r->reason, (long long)delay);
         f->failing = 1;
         f->failures++;
+        f->link.state = AGENT_LINK_DOWN;
+        snprintf(f->link.last_error, sizeof(f->link.last_error), "%s", r->reason);
+        f->link.last_error_wall_ms = cis_wall_ms();
+        f->link.consecutive_failures++;
+    } else if (s->nseg && s->nledger) {
+        /* Refused, but which part: the records or the loss entries riding with them? Loss
+         * entries go out again with every batch until one is taken, so a refused entry would
+         * get every later batch's records ledgered as rejected. Send the two apart: records
+         * the receiver refuses on their own are rejected then. */
+        cis_warn("[forward] receiver refused a batch of %llu records with %zu loss entr%s: %s; "
+                 "sending them apart", (unsigned long long)s->nrecords, s->nledger,
+                 s->nledger == 1 ? "y" : "ies", r->reason);
+        agent_spool_release(f->spool, s->first_seqs, s->nseg);
+        f->ledger_alone = 1;
+        f->due_at = now;
+        f->failing = 0;
+        f->failures = 0;
+        cis_backoff_reset(&f->bo);
+        f->link.state = AGENT_LINK_UP;
+        f->link.consecutive_failures = 0;
     } else {
         /* A final 4xx: this batch will never be taken. Ledger it and move on, so one poison
          * batch never blocks the queue. */
-        cis_warn("[forward] receiver rejected %llu records (seq %llu..): %s; recorded in the "
-                 "loss ledger", (unsigned long long)s->nrecords,
-                 (unsigned long long)(s->nseg ? s->first_seqs[0] : 0), r->reason);
+        if (s->nseg)
+            cis_warn("[forward] receiver rejected %llu records (seq %llu..): %s; recorded in the "
+                     "loss ledger", (unsigned long long)s->nrecords,
+                     (unsigned long long)s->first_seqs[0], r->reason);
+        else
+            cis_warn("[forward] receiver refused %zu loss entr%s: %s; they are not sent again",
+                     s->nledger, s->nledger == 1 ? "y" : "ies", r->reason);
         if (s->nseg) {
             rc = agent_spool_reject(f->spool, s->first_seqs, s->nseg, r->reason);
             if (rc) {
                 cis_error("[forward] could not ledger the rejected batch (%s); it stays pending",
                           cis_strerror(rc));
                 agent_spool_release(f->spool, s->first_seqs, s->nseg);
+                agent_spool_failed(f->a, rc);
             } else {
                 cnt->rejected += s->nrecords;
             }
         } else if (s->nledger) {
             /* A batch of loss entries alone was refused: do not send them forever. */
-            agent_spool_ledger_mark_sent(f->spool, s->ledger_ids, s->nledger);
+            rc = agent_spool_ledger_mark_sent(f->spool, s->ledger_ids, s->nledger);
+            if (rc)
+                agent_spool_failed(f->a, rc);
         }
         if (f->failing) {
             f->failing = 0;
             f->failures = 0;
         }
         cis_backoff_reset(&f->bo);
+        /* The receiver answered: the link works even though it refused this batch. */
+        f->link.state = AGENT_LINK_UP;
+        f->link.consecutive_failures = 0;
     }
     if (s->nledger)
         f->ledger_in_flight = 0;
+    /* Loss entries sent on their own were answered (taken or refused for good). */
+    if (s->nledger && !s->nseg && !f->aborting && r->status != CIS_EAGAIN)
+        f->ledger_alone = 0;
     f->inflight--;
     f->inflight_records -= s->nrecords;
     slot_clear(s);
@@ -185,13 +237,23 @@ static int start_batch(struct agent_forwarder *f, int64_t now, int with_segments
                                (size_t)f->cfg->batch_max_bytes, &segs, &nseg);
         if (rc) {
             cis_warn("[forward] cannot read the spool: %s", cis_strerror(rc));
+            agent_spool_failed(f->a, rc);
             f->retry_at = now + 1000;
             return 0;
         }
+        /* Stored but nothing claimable: what is left has expired (the TTL sweep will ledger
+         * it) or is in flight. Wait for new records or a release instead of asking again. */
+        if (nseg == 0)
+            f->due_at = -1;
     }
-    if (!f->ledger_in_flight &&
-        agent_spool_ledger_unsent(f->spool, LEDGER_PER_BATCH, &losses, &nloss) != 0)
-        nloss = 0;
+    if (!f->ledger_in_flight && !(f->ledger_alone && nseg)) {
+        rc = agent_spool_ledger_unsent(f->spool, LEDGER_PER_BATCH, &losses, &nloss);
+        if (rc) {
+            agent_spool_failed(f->a, rc);
+            losses = NULL;
+            nloss = 0;
+        }
+    }
     if (nseg == 0 && nloss == 0)
         goto out;
 
@@ -273,6 +335,12 @@ int64_t agent_forwarder_tick(struct agent_forwarder *f, int64_t now, int drainin
     while (f->inflight < (f->failing ? 1u : f->nslots)) {
         uint64_t unclaimed;
         agent_spool_stats(f->spool, &st);
+        if (f->ledger_alone && !f->ledger_in_flight) {
+            /* Loss entries set apart go first, on their own. */
+            if (st.ledger_unsent && start_batch(f, now, 0))
+                continue;
+            f->ledger_alone = 0;
+        }
         unclaimed = st.pending_records - f->inflight_records;
         if (st.pending_segments <= st.inflight_segments) {
             /* Nothing left to claim; loss entries may still need a ride. */
@@ -319,7 +387,39 @@ int agent_forwarder_idle(const struct agent_forwarder *f)
 
 void agent_forwarder_abort(struct agent_forwarder *f)
 {
+    f->aborting = 1;
     f->tops->abort_all(f->t);
+    f->aborting = 0;
+}
+
+void agent_forwarder_set_spool(struct agent_forwarder *f, struct agent_spool *spool)
+{
+    struct agent_spool_stats st;
+
+    /* The old spool's seqs mean nothing in the new one: a slot still holding them would ack
+     * or reject segments of the wrong database. */
+    for (size_t i = 0; i < f->nslots; i++) {
+        if (f->slots[i].used) {
+            cis_error("[forward] spool replaced with a batch still in flight (a bug): its "
+                      "answer will be ignored");
+            slot_clear(&f->slots[i]);
+        }
+    }
+    f->inflight = 0;
+    f->inflight_records = 0;
+    f->ledger_in_flight = 0;
+    f->ledger_alone = 0;
+    f->spool = spool;
+    agent_spool_stats(spool, &st);
+    /* The fresh spool's backlog (or its corrupt_spool ledger row) goes out at once; the
+     * link's backoff state is kept, it has nothing to do with the spool. */
+    f->due_at = st.pending_segments ? cis_mono_ms() : -1;
+}
+
+void agent_forwarder_link(const struct agent_forwarder *f, struct agent_link *out)
+{
+    *out = f->link;
+    out->in_flight = f->inflight;
 }
 
 void agent_forwarder_destroy(struct agent_forwarder *f)

@@ -14,6 +14,7 @@
 #include "cistern/backoff.h"
 #include "cistern/err.h"
 #include "cistern/log.h"
+#include "seal.h"
 #include "spool.h"
 
 #define DEFAULT_CONFIG "/etc/cistern/agent.yaml"
@@ -53,7 +54,14 @@ struct agent {
     uint8_t *arena;
     size_t arena_len, arena_cap;
     int64_t oldest_mono; /* when the first queued record arrived */
-    int commit_failing;
+    int commit_failing;  /* the CIS_E* code of the failing commits; 0 while they work */
+
+    struct agent_spool_opts spool_opts;
+    struct agent_seal *seal;
+    int spool_corrupt;      /* a spool call said CIS_ECORRUPT: recover at the next turn */
+    int64_t next_expire;    /* monotonic: next TTL sweep */
+    int64_t started_wall_ms;
+    struct agent_control *control;
 };
 
 static volatile sig_atomic_t signals_seen;
@@ -209,9 +217,10 @@ static void ingest_commit(struct agent *a)
     size_t n = a->nrecs;
     struct cis_record *recs = calloc(n, sizeof(*recs));
     uint32_t *prio = calloc(n, sizeof(*prio));
+    int64_t *ttl = calloc(n, sizeof(*ttl));
     int rc = CIS_ENOMEM;
 
-    if (recs && prio) {
+    if (recs && prio && ttl) {
         for (size_t i = 0; i < n; i++) {
             recs[i] = (struct cis_record){.ts_ms = a->recs[i].ts_ms,
                                           .stream = a->recs[i].src->name,
@@ -219,21 +228,34 @@ static void ingest_commit(struct agent *a)
                                           .payload = a->arena + a->recs[i].off,
                                           .payload_len = a->recs[i].len};
             prio[i] = (uint32_t)a->recs[i].src->priority;
+            ttl[i] = a->recs[i].src->ttl_ms;
         }
-        rc = agent_spool_commit(a->spool, recs, prio, n);
+        rc = agent_spool_commit(a->spool, recs, prio, ttl, n);
     }
     if (rc == 0) {
         a->counters.spooled += n;
         if (a->commit_failing)
-            cis_info("[spool] commits work again");
+            cis_info("[spool] commits work again: sources are told OK again");
         a->commit_failing = 0;
         agent_forwarder_notify(a->fwd, cis_mono_ms());
     } else {
         a->counters.refused += n;
-        if (!a->commit_failing)
-            cis_error("[spool] commit failed: %s; sources are told ERR until it works again",
-                      cis_strerror(rc));
-        a->commit_failing = 1;
+        /* One line per change of state, not one per refused commit. */
+        if (a->commit_failing != rc) {
+            if (rc == CIS_EFULL)
+                cis_warn("[spool] full: spool.max_size (%llu bytes) reached and spool.when_full is "
+                         "reject_new; sources are told ERR full until the forwarder frees space",
+                         (unsigned long long)a->cfg.spool_max_size);
+            else if (rc == CIS_ENOSPC)
+                cis_error("[spool] the disk holding %s is full; sources are told ERR until space "
+                          "returns (nothing told OK is lost)",
+                          a->cfg.spool_path);
+            else
+                cis_error("[spool] commit failed: %s; sources are told ERR until it works again",
+                          cis_strerror(rc));
+        }
+        a->commit_failing = rc;
+        agent_spool_failed(a, rc);
     }
     for (size_t i = 0; i < n; i++)
         if (a->recs[i].ack)
@@ -242,6 +264,53 @@ static void ingest_commit(struct agent *a)
     a->arena_len = 0;
     free(recs);
     free(prio);
+    free(ttl);
+}
+
+void agent_spool_failed(struct agent *a, int rc)
+{
+    if (rc == CIS_ECORRUPT)
+        a->spool_corrupt = 1;
+}
+
+void agent_runtime(struct agent *a, struct agent_runtime *out)
+{
+    memset(out, 0, sizeof(*out));
+    out->agent_id = a->cfg.id;
+    out->started_wall_ms = a->started_wall_ms;
+    agent_forwarder_link(a->fwd, &out->link);
+    out->counters = &a->counters;
+    out->spool_full = a->commit_failing == CIS_EFULL;
+    out->disk_full = a->commit_failing == CIS_ENOSPC;
+}
+
+/* A spool call met SQLITE_CORRUPT: stop sending, move the files aside, and carry on with a
+ * fresh spool (a new epoch); the loss is in the new spool's ledger. */
+static int spool_recover_now(struct agent *a)
+{
+    char err[1024];
+    a->spool_corrupt = 0;
+    agent_forwarder_abort(a->fwd);
+    int rc = agent_spool_recover(&a->spool, &a->spool_opts, "SQLite reported corruption at run time",
+                                 err, sizeof(err));
+    if (rc) {
+        cis_error("[spool] cannot start a new spool after corruption: %s", err);
+        return rc;
+    }
+    agent_forwarder_set_spool(a->fwd, a->spool);
+    agent_forwarder_notify(a->fwd, cis_mono_ms());
+    return 0;
+}
+
+static void expire_due(struct agent *a, int64_t now)
+{
+    uint64_t dropped = 0;
+    if (now < a->next_expire)
+        return;
+    a->next_expire = now + 1000;
+    int rc = agent_spool_expire(a->spool, cis_wall_ms(), &dropped);
+    if (rc)
+        agent_spool_failed(a, rc);
 }
 
 /* ---- start-up, run, shutdown ---- */
@@ -251,6 +320,8 @@ static void usage(FILE *f)
     fprintf(f,
             "Usage: cistern-agent [--config FILE]\n"
             "       cistern-agent --check-config FILE\n"
+            "       cistern-agent status [--config FILE] [--json] [--watch] [--interval DUR]\n"
+            "       cistern-agent keygen FILE\n"
             "\n"
             "Collects records from local inputs, keeps them in an SQLite spool, and forwards\n"
             "them to a cistern-receiver. A source is told OK only after its record committed.\n"
@@ -260,6 +331,10 @@ static void usage(FILE *f)
             "      --help-config        list every configuration key with its default\n"
             "  -h, --help               this help\n"
             "  -V, --version            print the version\n"
+            "\n"
+            "  status                   what the spool holds, the link, the losses (see status --help)\n"
+            "  keygen FILE              write a new spool.encryption_key_file (32 random bytes,\n"
+            "                           mode 0600); never overwrites\n"
             "\n"
             "Signals: SIGTERM/SIGINT stop inputs, commit, keep delivering for up to\n"
             "forward.shutdown_timeout while the receiver takes batches, and exit 0.\n"
@@ -298,10 +373,13 @@ static void log_stats(struct agent *a)
     struct agent_spool_stats st;
     agent_spool_stats(a->spool, &st);
     cis_info("[stats] produced=%llu spooled=%llu delivered=%llu pending=%llu rejected=%llu "
-             "refused=%llu",
+             "refused=%llu evicted=%llu expired=%llu tampered=%llu spool_bytes=%llu",
              (unsigned long long)a->counters.produced, (unsigned long long)a->counters.spooled,
              (unsigned long long)a->counters.delivered, (unsigned long long)st.pending_records,
-             (unsigned long long)a->counters.rejected, (unsigned long long)a->counters.refused);
+             (unsigned long long)a->counters.rejected, (unsigned long long)a->counters.refused,
+             (unsigned long long)st.evicted_records, (unsigned long long)st.expired_records,
+             (unsigned long long)st.tampered_records,
+             (unsigned long long)(st.db_bytes + st.wal_bytes));
 }
 
 static int run(struct agent *a)
@@ -325,10 +403,14 @@ static int run(struct agent *a)
             cis_info("[agent] second signal: stopping now");
             break;
         }
+        if (a->spool_corrupt && spool_recover_now(a) != 0)
+            return 1;
         for (size_t i = 0; i < a->ninputs; i++)
             deadline = min_deadline(deadline, a->inputs[i].ops->tick(&a->inputs[i], now));
         if (commit_due(a, now) || (draining && a->nrecs))
             ingest_commit(a);
+        expire_due(a, now);
+        deadline = min_deadline(deadline, a->next_expire);
         if (a->nrecs)
             deadline = min_deadline(deadline, a->oldest_mono + a->cfg.commit_interval_ms);
         deadline = min_deadline(deadline, agent_forwarder_tick(a->fwd, now, draining));
@@ -374,8 +456,10 @@ static void agent_free(struct agent *a)
         if (a->inputs[i].ops)
             a->inputs[i].ops->destroy(&a->inputs[i]);
     free(a->inputs);
+    agent_control_stop(a->control);
     agent_forwarder_destroy(a->fwd);
     agent_spool_close(a->spool);
+    agent_seal_free(a->seal);
     agent_config_free(&a->cfg);
     free(a->watches);
     free(a->recs);
@@ -397,6 +481,22 @@ int main(int argc, char **argv)
     char err[1024];
     int c, rc, status = 1;
 
+    if (argc > 1 && strcmp(argv[1], "status") == 0)
+        return agent_status_main(argc - 1, argv + 1);
+    if (argc > 1 && strcmp(argv[1], "keygen") == 0) {
+        if (argc != 3 || argv[2][0] == '-') {
+            fprintf(stderr, "usage: cistern-agent keygen FILE\n");
+            return 2;
+        }
+        rc = agent_seal_keygen(argv[2], err, sizeof(err));
+        if (rc) {
+            fprintf(stderr, "cistern-agent: %s\n", err);
+            return 1;
+        }
+        printf("%s: new spool key (32 bytes, mode 0600); set spool.encryption_key_file to it\n",
+               argv[2]);
+        return 0;
+    }
     while ((c = getopt_long(argc, argv, "c:t:hV", opts, NULL)) != -1) {
         switch (c) {
         case 'c': config = optarg; break;
@@ -420,6 +520,17 @@ int main(int argc, char **argv)
             fprintf(stderr, "%s\n", err);
             return 1;
         }
+        /* The key file is checked too: a key others can read is refused before deployment. */
+        if (a.cfg.encryption_key_file) {
+            struct agent_seal *k = NULL;
+            rc = agent_seal_load(a.cfg.encryption_key_file, &k, err, sizeof(err));
+            agent_seal_free(k);
+            if (rc) {
+                fprintf(stderr, "%s: spool.encryption_key_file: %s\n", check, err);
+                agent_config_free(&a.cfg);
+                return 1;
+            }
+        }
         printf("%s: ok\n", check);
         agent_config_free(&a.cfg);
         return 0;
@@ -428,6 +539,14 @@ int main(int argc, char **argv)
     if (rc) {
         fprintf(stderr, "%s\n", err);
         return 1;
+    }
+    if (a.cfg.encryption_key_file) {
+        rc = agent_seal_load(a.cfg.encryption_key_file, &a.seal, err, sizeof(err));
+        if (rc) {
+            fprintf(stderr, "%s: spool.encryption_key_file: %s\n", config, err);
+            agent_config_free(&a.cfg);
+            return 1;
+        }
     }
     cis_log_set_level((enum cis_log_level)a.cfg.log_level);
 
@@ -447,15 +566,22 @@ int main(int argc, char **argv)
         goto out;
     }
     {
-        struct agent_spool_opts so = {.path = a.cfg.spool_path,
-                                      .sync_full = a.cfg.sync == AGENT_SYNC_FULL,
-                                      .zstd_level = (int)a.cfg.compression_level};
-        rc = agent_spool_open(&so, &a.spool, err, sizeof(err));
+        a.spool_opts = (struct agent_spool_opts){
+            .path = a.cfg.spool_path,
+            .sync_full = a.cfg.sync == AGENT_SYNC_FULL,
+            .zstd_level = (int)a.cfg.compression_level,
+            .max_size = a.cfg.spool_max_size,
+            .reject_new = a.cfg.when_full == AGENT_WHEN_FULL_REJECT_NEW,
+            .wal_max_size = a.cfg.wal_max_size,
+            .seal = a.seal,
+        };
+        rc = agent_spool_open_checked(&a.spool_opts, &a.spool, NULL, err, sizeof(err));
         if (rc) {
             cis_error("[spool] %s", err);
             goto out_curl;
         }
     }
+    a.started_wall_ms = cis_wall_ms();
     rc = agent_forwarder_create(&a, &a.cfg, a.spool, &a.fwd);
     if (rc) {
         cis_error("[forward] cannot start: %s", cis_strerror(rc));
@@ -463,6 +589,9 @@ int main(int argc, char **argv)
     }
     if (start_inputs(&a) != 0)
         goto out_curl;
+    /* `status` works without it (it reads the spool); it only adds the link and counters. */
+    if (a.cfg.status_socket && a.cfg.status_socket[0])
+        agent_control_start(&a, a.cfg.status_socket, &a.control);
     cis_info("[agent] cistern-agent %s running as %s, forwarding to %s", CISTERN_VERSION, a.cfg.id,
              a.cfg.url);
     status = run(&a);

@@ -152,8 +152,12 @@ static void on_ack(void *ctx, uint64_t token, int status, uint64_t seq)
         a->seq = seq;
     } else {
         a->state = ANS_ERR;
-        a->err = status == CIS_EFULL ? "full: the spool cannot take records now"
-                                     : "spool: record could not be stored";
+        switch (status) {
+        case CIS_EFULL: a->err = "full: the spool is at spool.max_size; try again later"; break;
+        case CIS_ENOSPC: a->err = "disk full: no space left for the spool; try again later"; break;
+        case CIS_EAGAIN: a->err = "busy: the spool cannot write now; try again later"; break;
+        default: a->err = "spool: record could not be stored; try again later"; break;
+        }
     }
     c->pending--;
     conn_flush_answers(c);

@@ -6,6 +6,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+
+#include <dirent.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <cmocka.h>
@@ -14,6 +17,7 @@
 #include "cistern/backoff.h"
 #include "cistern/codec.h"
 #include "cistern/err.h"
+#include "seal.h"
 #include "spool.h"
 
 struct fx {
@@ -46,10 +50,14 @@ static void fx_rm(const char *dir, const char *name)
 static int fx_teardown(void **state)
 {
     struct fx *f = *state;
-    static const char *const names[] = {"spool.db", "spool.db-wal", "spool.db-shm", "b.db",
-                                        "b.db-wal", "b.db-shm",     "junk.db"};
-    for (size_t i = 0; i < sizeof(names) / sizeof(names[0]); i++)
-        fx_rm(f->dir, names[i]);
+    /* every file a test made: databases with their -wal/-shm, key files */
+    DIR *d = opendir(f->dir);
+    assert_non_null(d);
+    struct dirent *e;
+    while ((e = readdir(d)) != NULL)
+        if (strcmp(e->d_name, ".") != 0 && strcmp(e->d_name, "..") != 0)
+            fx_rm(f->dir, e->d_name);
+    closedir(d);
     assert_int_equal(rmdir(f->dir), 0);
     free(f);
     return 0;
@@ -85,6 +93,19 @@ static int64_t ext_int(sqlite3 *db, const char *sql)
     int64_t v = sqlite3_column_int64(st, 0);
     sqlite3_finalize(st);
     return v;
+}
+
+/* The first column of the first row as text (static buffer: use before the next call). */
+static const char *ext_text(sqlite3 *db, const char *sql)
+{
+    static char out[256];
+    sqlite3_stmt *st = NULL;
+    assert_int_equal(sqlite3_prepare_v2(db, sql, -1, &st, NULL), SQLITE_OK);
+    assert_int_equal(sqlite3_step(st), SQLITE_ROW);
+    const char *t = (const char *)sqlite3_column_text(st, 0);
+    snprintf(out, sizeof(out), "%s", t ? t : "");
+    sqlite3_finalize(st);
+    return out;
 }
 
 static void ext_exec(sqlite3 *db, const char *sql)
@@ -130,7 +151,7 @@ static uint64_t commit_n(struct agent_spool *s, size_t n, uint32_t prio)
     mkrecs(r, bufs, n, "t");
     for (size_t i = 0; i < n; i++)
         p[i] = prio;
-    assert_int_equal(agent_spool_commit(s, r, p, n), 0);
+    assert_int_equal(agent_spool_commit(s, r, p, NULL, n), 0);
     return r[0].seq;
 }
 
@@ -158,7 +179,7 @@ static void test_commit_groups_by_priority(void **state)
     mkrecs(r, bufs, 6, "s");
     const uint32_t p[6] = {CIS_PRIO_LOW,  CIS_PRIO_HIGH, CIS_PRIO_NORMAL,
                            CIS_PRIO_HIGH, CIS_PRIO_LOW,  CIS_PRIO_NORMAL};
-    assert_int_equal(agent_spool_commit(s, r, p, 6), 0);
+    assert_int_equal(agent_spool_commit(s, r, p, NULL, 6), 0);
     /* high gets the lowest seqs, stable order inside each class */
     assert_int_equal(r[1].seq, 1);
     assert_int_equal(r[3].seq, 2);
@@ -179,7 +200,11 @@ static void test_commit_groups_by_priority(void **state)
                                  " AND record_count=2"),
                      CIS_PRIO_LOW);
     assert_int_equal(ext_int(db, "SELECT value FROM meta WHERE key='next_seq'"), 7);
-    assert_int_equal(ext_int(db, "SELECT value FROM meta WHERE key='schema_version'"), 1);
+    assert_int_equal(ext_int(db, "SELECT value FROM meta WHERE key='schema_version'"), 2);
+    assert_int_equal(ext_int(db, "PRAGMA auto_vacuum"), 2); /* incremental: can shrink */
+    assert_int_equal(ext_int(db, "SELECT count(*) FROM sqlite_master WHERE type='index' AND"
+                                 " name IN ('segments_expires', 'ledger_unsent')"),
+                     2);
     assert_int_equal(ext_int(db, "SELECT count(*) FROM pragma_index_list('segments')"
                                  " WHERE name='segments_prio'"),
                      1);
@@ -197,9 +222,9 @@ static void test_commit_groups_by_priority(void **state)
     sqlite3_close(db);
 
     /* zero records: a no-op; a bad priority: refused, nothing changes */
-    assert_int_equal(agent_spool_commit(s, r, p, 0), 0);
+    assert_int_equal(agent_spool_commit(s, r, p, NULL, 0), 0);
     const uint32_t bad[1] = {CIS_PRIO_COUNT};
-    assert_int_equal(agent_spool_commit(s, r, bad, 1), CIS_EINVAL);
+    assert_int_equal(agent_spool_commit(s, r, bad, NULL, 1), CIS_EINVAL);
     struct agent_spool_stats st2;
     agent_spool_stats(s, &st2);
     assert_int_equal(st2.next_seq, 11);
@@ -254,9 +279,9 @@ static void test_claim_order(void **state)
     char bufs[3 * 16];
     mkrecs(r, bufs, 3, "s");
     const uint32_t p1[3] = {CIS_PRIO_LOW, CIS_PRIO_NORMAL, CIS_PRIO_HIGH};
-    assert_int_equal(agent_spool_commit(s, r, p1, 3), 0); /* high 1, normal 2, low 3 */
+    assert_int_equal(agent_spool_commit(s, r, p1, NULL, 3), 0); /* high 1, normal 2, low 3 */
     const uint32_t p2[2] = {CIS_PRIO_LOW, CIS_PRIO_HIGH};
-    assert_int_equal(agent_spool_commit(s, r, p2, 2), 0); /* high 4, low 5 */
+    assert_int_equal(agent_spool_commit(s, r, p2, NULL, 2), 0); /* high 4, low 5 */
     assert_int_equal(commit_n(s, 1, CIS_PRIO_NORMAL), 6);
 
     struct agent_spool_seg *g = NULL;
@@ -578,7 +603,7 @@ static void test_decode_claimed_segment(void **state)
     r[2].payload_len = sizeof(big);
     const uint32_t p[5] = {CIS_PRIO_NORMAL, CIS_PRIO_HIGH, CIS_PRIO_NORMAL, CIS_PRIO_HIGH,
                            CIS_PRIO_NORMAL};
-    assert_int_equal(agent_spool_commit(s, r, p, 5), 0);
+    assert_int_equal(agent_spool_commit(s, r, p, NULL, 5), 0);
 
     struct agent_spool_seg *g = NULL;
     size_t n = 0;
@@ -632,7 +657,7 @@ static void test_commit_failure_rolls_back(void **state)
     char bufs[3 * 16];
     mkrecs(r, bufs, 3, "s");
     const uint32_t p[3] = {CIS_PRIO_HIGH, CIS_PRIO_LOW, CIS_PRIO_HIGH};
-    assert_int_equal(agent_spool_commit(s, r, p, 3), CIS_EDB);
+    assert_int_equal(agent_spool_commit(s, r, p, NULL, 3), CIS_EDB);
     for (size_t i = 0; i < 3; i++)
         assert_int_equal(r[i].seq, 999999);
     struct agent_spool_stats st;
@@ -645,7 +670,7 @@ static void test_commit_failure_rolls_back(void **state)
     ext_exec(db, "DROP TRIGGER boom");
     sqlite3_close(db);
 
-    assert_int_equal(agent_spool_commit(s, r, p, 3), 0);
+    assert_int_equal(agent_spool_commit(s, r, p, NULL, 3), 0);
     assert_int_equal(r[0].seq, 3);
     assert_int_equal(r[2].seq, 4);
     assert_int_equal(r[1].seq, 5);
@@ -783,12 +808,12 @@ static void test_commit_disk_full(void **state)
     mkrecs(r, bufs, 4, "s");
     const uint32_t p[4] = {CIS_PRIO_LOW, CIS_PRIO_HIGH, CIS_PRIO_LOW, CIS_PRIO_NORMAL};
     g_disk_full = 1;
-    assert_int_equal(agent_spool_commit(s, r, p, 4), CIS_EFULL);
-    assert_int_equal(agent_spool_commit(s, r, p, 4), CIS_EFULL); /* and again */
+    assert_int_equal(agent_spool_commit(s, r, p, NULL, 4), CIS_ENOSPC);
+    assert_int_equal(agent_spool_commit(s, r, p, NULL, 4), CIS_ENOSPC); /* and again */
     /* ack/ledger writes fail the same way and change nothing */
     uint64_t one = 1;
-    assert_int_equal(agent_spool_ack(s, &one, 1), CIS_EFULL);
-    assert_int_equal(agent_spool_reject(s, &one, 1, "x"), CIS_EFULL);
+    assert_int_equal(agent_spool_ack(s, &one, 1), CIS_ENOSPC);
+    assert_int_equal(agent_spool_reject(s, &one, 1, "x"), CIS_ENOSPC);
     g_disk_full = 0;
 
     struct agent_spool_stats st;
@@ -803,7 +828,7 @@ static void test_commit_disk_full(void **state)
     assert_int_equal(db_int(f->path, "SELECT count(*) FROM segments"), 1);
 
     /* space is back: the same batch commits with the seqs it would have had */
-    assert_int_equal(agent_spool_commit(s, r, p, 4), 0);
+    assert_int_equal(agent_spool_commit(s, r, p, NULL, 4), 0);
     assert_int_equal(r[1].seq, 3);
     assert_int_equal(r[3].seq, 4);
     assert_int_equal(r[0].seq, 5);
@@ -867,7 +892,7 @@ static void test_open_errors(void **state)
     agent_spool_close(s);
     s = NULL;
     sqlite3 *db = ext_open(f->path);
-    ext_exec(db, "UPDATE meta SET value = 2 WHERE key = 'schema_version'");
+    ext_exec(db, "UPDATE meta SET value = 3 WHERE key = 'schema_version'");
     sqlite3_close(db);
     o.path = f->path;
     o.sync_full = 1;
@@ -875,11 +900,11 @@ static void test_open_errors(void **state)
     assert_int_not_equal(agent_spool_open(&o, &s, err, sizeof(err)), 0);
     assert_null(s);
     assert_non_null(strstr(err, "newer"));
-    assert_int_equal(db_int(f->path, "SELECT value FROM meta WHERE key='schema_version'"), 2);
+    assert_int_equal(db_int(f->path, "SELECT value FROM meta WHERE key='schema_version'"), 3);
 
     /* next_seq not above the stored seqs: refused as corrupt rather than reusing seqs */
     db = ext_open(f->path);
-    ext_exec(db, "UPDATE meta SET value = 1 WHERE key = 'schema_version'");
+    ext_exec(db, "UPDATE meta SET value = 2 WHERE key = 'schema_version'");
     sqlite3_close(db);
     s = sp_open(f->path);
     commit_n(s, 3, CIS_PRIO_NORMAL);
@@ -894,6 +919,1061 @@ static void test_open_errors(void **state)
     agent_spool_close(NULL);
     agent_spool_segs_free(NULL, 0);
     agent_spool_ledger_free(NULL, 0);
+}
+
+/* ---- version 2: (priority, ttl) groups, TTL, size and WAL bounds, sealing ---- */
+
+static struct agent_spool *sp_open_opts(const char *path, uint64_t max_size, int reject_new,
+                                        uint64_t wal_max, const struct agent_seal *seal)
+{
+    struct agent_spool_opts o = {.path = path,
+                                 .zstd_level = 3,
+                                 .max_size = max_size,
+                                 .reject_new = reject_new,
+                                 .wal_max_size = wal_max,
+                                 .seal = seal};
+    struct agent_spool *s = NULL;
+    char err[256] = "";
+    int rc = agent_spool_open(&o, &s, err, sizeof(err));
+    if (rc)
+        fprintf(stderr, "open failed: %d %s\n", rc, err);
+    assert_int_equal(rc, 0);
+    assert_non_null(s);
+    return s;
+}
+
+static uint64_t file_size(const char *path)
+{
+    struct stat sb;
+    return stat(path, &sb) == 0 ? (uint64_t)sb.st_size : 0;
+}
+
+static uint64_t wal_size(const char *db)
+{
+    char p[256];
+    snprintf(p, sizeof(p), "%s-wal", db);
+    return file_size(p);
+}
+
+/* Incompressible bytes (xorshift64*), so zstd keeps segments at their raw size. */
+static void fill_random(uint8_t *b, size_t n, uint64_t *st)
+{
+    for (size_t i = 0; i < n; i++) {
+        *st ^= *st >> 12;
+        *st ^= *st << 25;
+        *st ^= *st >> 27;
+        b[i] = (uint8_t)((*st * 0x2545F4914F6CDD1DULL) >> 56);
+    }
+}
+
+/* Commit one record of LEN random bytes with class PRIO (and TTL). Returns commit's result. */
+static int commit_big(struct agent_spool *s, uint8_t *buf, size_t len, uint32_t prio, int64_t ttl,
+                      uint64_t *rng, uint64_t *seq)
+{
+    fill_random(buf, len, rng);
+    struct cis_record r = {
+        .seq = 999999, .ts_ms = 1, .stream = "big", .payload = buf, .payload_len = len};
+    int rc = agent_spool_commit(s, &r, &prio, &ttl, 1);
+    if (seq)
+        *seq = r.seq;
+    return rc;
+}
+
+static int64_t ext_int_bind(sqlite3 *db, const char *sql, int64_t a)
+{
+    sqlite3_stmt *st = NULL;
+    assert_int_equal(sqlite3_prepare_v2(db, sql, -1, &st, NULL), SQLITE_OK);
+    sqlite3_bind_int64(st, 1, a);
+    assert_int_equal(sqlite3_step(st), SQLITE_ROW);
+    int64_t v = sqlite3_column_int64(st, 0);
+    sqlite3_finalize(st);
+    return v;
+}
+
+static void test_commit_groups_by_priority_and_ttl(void **state)
+{
+    struct fx *f = *state;
+    struct agent_spool *s = sp_open(f->path);
+    struct cis_record r[8];
+    char bufs[8 * 16];
+    mkrecs(r, bufs, 8, "s");
+    const uint32_t p[8] = {CIS_PRIO_NORMAL, CIS_PRIO_HIGH, CIS_PRIO_NORMAL, CIS_PRIO_HIGH,
+                           CIS_PRIO_NORMAL, CIS_PRIO_HIGH, CIS_PRIO_LOW,    CIS_PRIO_NORMAL};
+    const int64_t ttl[8] = {0, 5000, 1000, 0, 0, 5000, 0, 1000};
+    /* groups by first appearance: (N,0)={0,4} (H,5000)={1,5} (N,1000)={2,7} (H,0)={3} (L,0)={6};
+     * high first: (H,5000) 1..2, (H,0) 3, (N,0) 4..5, (N,1000) 6..7, (L,0) 8 */
+    int64_t t0 = cis_wall_ms();
+    assert_int_equal(agent_spool_commit(s, r, p, ttl, 8), 0);
+    int64_t t1 = cis_wall_ms();
+    const uint64_t want[8] = {4, 1, 6, 3, 5, 2, 8, 7};
+    for (size_t i = 0; i < 8; i++)
+        assert_int_equal(r[i].seq, want[i]);
+
+    sqlite3 *db = ext_open(f->path);
+    assert_int_equal(ext_int(db, "SELECT count(*) FROM segments"), 5);
+    static const struct {
+        uint64_t first, last;
+        int prio;
+        int64_t ttl;
+    } seg[5] = {{1, 2, CIS_PRIO_HIGH, 5000},
+                {3, 3, CIS_PRIO_HIGH, 0},
+                {4, 5, CIS_PRIO_NORMAL, 0},
+                {6, 7, CIS_PRIO_NORMAL, 1000},
+                {8, 8, CIS_PRIO_LOW, 0}};
+    for (size_t k = 0; k < 5; k++) {
+        char q[256];
+        snprintf(q, sizeof(q),
+                 "SELECT count(*) FROM segments WHERE first_seq=%llu AND last_seq=%llu AND"
+                 " priority=%d AND record_count=%llu AND sealed=0",
+                 (unsigned long long)seg[k].first, (unsigned long long)seg[k].last, seg[k].prio,
+                 (unsigned long long)(seg[k].last - seg[k].first + 1));
+        assert_int_equal(ext_int(db, q), 1);
+        int64_t exp = ext_int_bind(db, "SELECT expires_ms FROM segments WHERE first_seq=?",
+                                   (int64_t)seg[k].first);
+        int64_t created = ext_int_bind(db, "SELECT created_ms FROM segments WHERE first_seq=?",
+                                       (int64_t)seg[k].first);
+        assert_true(created >= t0 && created <= t1);
+        assert_int_equal(exp, seg[k].ttl ? created + seg[k].ttl : 0);
+    }
+    assert_int_equal(ext_int(db, "SELECT value FROM meta WHERE key='next_seq'"), 9);
+
+    /* the per-class counters agree with the table */
+    struct agent_spool_stats st;
+    agent_spool_stats(s, &st);
+    for (int c = 0; c < CIS_PRIO_COUNT; c++) {
+        char q[160];
+        snprintf(q, sizeof(q), "SELECT count(*) FROM segments WHERE priority=%d", c);
+        assert_int_equal(st.prio[c].segments, ext_int(db, q));
+        snprintf(q, sizeof(q),
+                 "SELECT coalesce(sum(record_count),0) FROM segments WHERE priority=%d", c);
+        assert_int_equal(st.prio[c].records, ext_int(db, q));
+        snprintf(q, sizeof(q),
+                 "SELECT coalesce(sum(length(data)),0) FROM segments WHERE priority=%d", c);
+        assert_int_equal(st.prio[c].bytes, ext_int(db, q));
+    }
+    assert_int_equal(st.prio[CIS_PRIO_HIGH].records, 3);
+    assert_int_equal(st.prio[CIS_PRIO_NORMAL].segments, 2);
+    assert_int_equal(st.pending_records, 8);
+    assert_int_equal(st.pending_segments, 5);
+    assert_int_equal(st.db_bytes, (uint64_t)ext_int(db, "PRAGMA page_count") *
+                                      (uint64_t)ext_int(db, "PRAGMA page_size"));
+
+    /* a negative ttl is refused and changes nothing */
+    const int64_t neg[2] = {0, -1};
+    assert_int_equal(agent_spool_commit(s, r, p, neg, 2), CIS_EINVAL);
+    assert_int_equal(ext_int(db, "SELECT count(*) FROM segments"), 5);
+    agent_spool_stats(s, &st);
+    assert_int_equal(st.next_seq, 9);
+    sqlite3_close(db);
+
+    struct agent_spool_salvage sv;
+    agent_spool_salvage_info(s, &sv);
+    assert_int_equal(sv.epoch, agent_spool_epoch(s));
+    assert_int_equal(sv.next_seq, 9);
+    assert_int_equal(sv.min_pending_seq, 1);
+    agent_spool_close(s);
+
+    /* with max_size 1 MiB, a group past 16 KiB (max_size / 64) becomes consecutive segments:
+     * records of ~6 KB, two per segment */
+    char other[192];
+    snprintf(other, sizeof(other), "%s/b.db", f->dir);
+    s = sp_open_opts(other, 1024 * 1024, 0, 0, NULL);
+    static uint8_t big[5][6000];
+    uint64_t rng = 11;
+    struct cis_record rb[7];
+    uint32_t pb[7];
+    for (size_t i = 0; i < 5; i++) {
+        fill_random(big[i], sizeof(big[i]), &rng);
+        rb[i] = (struct cis_record){.stream = "s", .payload = big[i], .payload_len = 6000};
+        pb[i] = CIS_PRIO_LOW;
+    }
+    mkrecs(rb + 5, bufs, 2, "s");
+    pb[5] = pb[6] = CIS_PRIO_HIGH;
+    assert_int_equal(agent_spool_commit(s, rb, pb, NULL, 7), 0);
+    assert_int_equal(rb[5].seq, 1);
+    assert_int_equal(rb[6].seq, 2);
+    for (size_t i = 0; i < 5; i++)
+        assert_int_equal(rb[i].seq, 3 + i);
+    db = ext_open(other);
+    assert_int_equal(ext_int(db, "SELECT count(*) FROM segments"), 4);
+    assert_int_equal(ext_int(db, "SELECT count(*) FROM segments WHERE priority=0 AND first_seq=1"
+                                 " AND last_seq=2"),
+                     1);
+    assert_string_equal(ext_text(db, "SELECT group_concat(first_seq || '-' || last_seq) FROM"
+                                     " (SELECT * FROM segments WHERE priority=2 ORDER BY"
+                                     " first_seq)"),
+                        "3-4,5-6,7-7");
+    sqlite3_close(db);
+    struct agent_spool_seg *g = NULL;
+    size_t n = 0;
+    assert_int_equal(agent_spool_claim(s, 100, SIZE_MAX, &g, &n), 0);
+    assert_int_equal(n, 4);
+    for (size_t k = 0; k < n; k++) {
+        Cistern__V1__SegmentBody *body = NULL;
+        char why[128] = "";
+        assert_int_equal(cis_segment_decode(&g[k].seg, 1 << 20, &body, why, sizeof(why)), 0);
+        assert_int_equal(body->n_records, g[k].seg.record_count);
+        if (k > 0) {
+            assert_memory_equal(body->records[0]->payload.data, big[g[k].seg.first_seq - 3], 6000);
+        }
+        cistern__v1__segment_body__free_unpacked(body, NULL);
+    }
+    agent_spool_segs_free(g, n);
+    agent_spool_close(s);
+}
+
+/* A version-1 spool (the old schema, made by hand) is upgraded in place at open; its segments,
+ * counters and ledger carry over. */
+static void test_schema_v1_upgrade(void **state)
+{
+    struct fx *f = *state;
+    sqlite3 *db = NULL;
+    assert_int_equal(
+        sqlite3_open_v2(f->path, &db, SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE, NULL), SQLITE_OK);
+    ext_exec(db, "PRAGMA journal_mode=WAL");
+    ext_exec(db,
+             "CREATE TABLE meta(key TEXT PRIMARY KEY, value INTEGER NOT NULL);"
+             "CREATE TABLE segments(first_seq INTEGER PRIMARY KEY, last_seq INTEGER NOT NULL,"
+             " priority INTEGER NOT NULL, record_count INTEGER NOT NULL, compression INTEGER NOT"
+             " NULL, raw_size INTEGER NOT NULL, created_ms INTEGER NOT NULL, data BLOB NOT NULL);"
+             "CREATE INDEX segments_prio ON segments(priority, first_seq);"
+             "CREATE TABLE ledger(id INTEGER PRIMARY KEY, reason TEXT NOT NULL, epoch INTEGER NOT"
+             " NULL, first_seq INTEGER NOT NULL, last_seq INTEGER NOT NULL, count INTEGER NOT"
+             " NULL, ts_ms INTEGER NOT NULL, detail TEXT, sent INTEGER NOT NULL DEFAULT 0);"
+             "INSERT INTO meta VALUES('schema_version', 1), ('epoch', 4242), ('next_seq', 11);"
+             "INSERT INTO ledger(reason, epoch, first_seq, last_seq, count, ts_ms)"
+             " VALUES('rejected', 4242, 1, 4, 4, 5);");
+    /* two segments with real blobs: 5..7 (normal) and 8..10 (low) */
+    struct cis_record r[3];
+    char bufs[3 * 16];
+    mkrecs(r, bufs, 3, "old");
+    for (uint64_t first = 5; first <= 8; first += 3) {
+        for (size_t i = 0; i < 3; i++)
+            r[i].seq = first + i;
+        uint32_t prio = first == 5 ? CIS_PRIO_NORMAL : CIS_PRIO_LOW;
+        struct cis_segment seg;
+        uint8_t *data = NULL;
+        size_t len = 0;
+        assert_int_equal(cis_segment_encode(r, 3, prio, 3, &seg, &data, &len), 0);
+        sqlite3_stmt *st = NULL;
+        assert_int_equal(
+            sqlite3_prepare_v2(db, "INSERT INTO segments VALUES(?,?,?,3,?,?,77,?)", -1, &st, NULL),
+            SQLITE_OK);
+        sqlite3_bind_int64(st, 1, (int64_t)first);
+        sqlite3_bind_int64(st, 2, (int64_t)first + 2);
+        sqlite3_bind_int(st, 3, (int)prio);
+        sqlite3_bind_int(st, 4, seg.compression);
+        sqlite3_bind_int64(st, 5, (int64_t)seg.raw_size);
+        sqlite3_bind_blob(st, 6, data, (int)len, SQLITE_TRANSIENT);
+        assert_int_equal(sqlite3_step(st), SQLITE_DONE);
+        sqlite3_finalize(st);
+        free(data);
+    }
+    assert_int_equal(ext_int(db, "PRAGMA auto_vacuum"), 0);
+    sqlite3_close(db);
+
+    struct agent_spool *s = sp_open(f->path);
+    assert_int_equal(agent_spool_epoch(s), 4242);
+    struct agent_spool_stats st;
+    agent_spool_stats(s, &st);
+    assert_int_equal(st.next_seq, 11);
+    assert_int_equal(st.pending_segments, 2);
+    assert_int_equal(st.pending_records, 6);
+    assert_int_equal(st.prio[CIS_PRIO_LOW].records, 3);
+    assert_int_equal(st.ledger_unsent, 1);
+    assert_int_equal(st.oldest_created_ms, 77);
+
+    db = ext_open(f->path);
+    assert_int_equal(ext_int(db, "SELECT value FROM meta WHERE key='schema_version'"), 2);
+    assert_int_equal(ext_int(db, "SELECT count(*) FROM pragma_table_info('segments')"
+                                 " WHERE name IN ('expires_ms', 'sealed')"),
+                     2);
+    assert_int_equal(ext_int(db, "SELECT count(*) FROM sqlite_master WHERE type='index' AND"
+                                 " name IN ('segments_expires', 'ledger_unsent')"),
+                     2);
+    assert_int_equal(ext_int(db, "SELECT count(*) FROM segments WHERE expires_ms=0 AND sealed=0"),
+                     2);
+    assert_int_equal(ext_int(db, "PRAGMA auto_vacuum"), 0); /* only new files get it */
+    assert_string_equal(ext_text(db, "PRAGMA integrity_check"), "ok");
+    sqlite3_close(db);
+
+    /* the old segments are claimable and decode; new commits use the new columns */
+    struct agent_spool_seg *g = NULL;
+    size_t n = 0;
+    assert_int_equal(agent_spool_claim(s, 100, SIZE_MAX, &g, &n), 0);
+    assert_int_equal(n, 2);
+    assert_int_equal(g[0].seg.first_seq, 5);
+    assert_int_equal(g[1].seg.first_seq, 8);
+    for (size_t k = 0; k < n; k++) {
+        Cistern__V1__SegmentBody *body = NULL;
+        char why[128] = "";
+        assert_int_equal(cis_segment_decode(&g[k].seg, 1 << 20, &body, why, sizeof(why)), 0);
+        assert_int_equal(body->n_records, 3);
+        assert_int_equal(body->records[0]->seq, g[k].seg.first_seq);
+        cistern__v1__segment_body__free_unpacked(body, NULL);
+    }
+    agent_spool_segs_free(g, n);
+    const uint32_t p1 = CIS_PRIO_HIGH;
+    const int64_t ttl1 = 60000;
+    assert_int_equal(agent_spool_commit(s, r, &p1, &ttl1, 1), 0);
+    assert_int_equal(r[0].seq, 11);
+    assert_true(db_int(f->path, "SELECT expires_ms FROM segments WHERE first_seq=11") > 0);
+    agent_spool_close(s);
+
+    /* reopening the upgraded file changes nothing */
+    s = sp_open(f->path);
+    agent_spool_stats(s, &st);
+    assert_int_equal(st.pending_segments, 3);
+    agent_spool_close(s);
+    assert_int_equal(db_int(f->path, "SELECT value FROM meta WHERE key='schema_version'"), 2);
+}
+
+static uint64_t commit_ttl(struct agent_spool *s, size_t n, uint32_t prio, int64_t ttl)
+{
+    struct cis_record r[16];
+    char bufs[16 * 16];
+    uint32_t p[16];
+    int64_t t[16];
+    assert_true(n <= 16);
+    mkrecs(r, bufs, n, "t");
+    for (size_t i = 0; i < n; i++) {
+        p[i] = prio;
+        t[i] = ttl;
+    }
+    assert_int_equal(agent_spool_commit(s, r, p, t, n), 0);
+    return r[0].seq;
+}
+
+static void test_expire(void **state)
+{
+    struct fx *f = *state;
+    struct agent_spool *s = sp_open(f->path);
+    const int64_t hour = 3600 * 1000;
+    assert_int_equal(commit_ttl(s, 1, CIS_PRIO_HIGH, hour), 1);
+    struct agent_spool_seg *g = NULL;
+    size_t n = 0;
+    assert_int_equal(agent_spool_claim(s, 1, SIZE_MAX, &g, &n), 0); /* 1 in flight */
+    assert_int_equal(n, 1);
+    assert_int_equal(g[0].seg.first_seq, 1);
+    agent_spool_segs_free(g, n);
+    assert_int_equal(commit_ttl(s, 2, CIS_PRIO_LOW, hour), 2);     /* 2..3 */
+    assert_int_equal(commit_ttl(s, 2, CIS_PRIO_NORMAL, hour), 4);  /* 4..5 */
+    assert_int_equal(commit_ttl(s, 2, CIS_PRIO_LOW, 2 * hour), 6); /* 6..7 */
+    assert_int_equal(commit_ttl(s, 1, CIS_PRIO_NORMAL, 0), 8);     /* never expires */
+    assert_int_equal(commit_ttl(s, 1, CIS_PRIO_LOW, 2 * hour), 9);
+    const int64_t now = cis_wall_ms();
+
+    /* nothing due: no write at all (another connection sees the same data_version) */
+    sqlite3 *db = ext_open(f->path);
+    int64_t dv = ext_int(db, "PRAGMA data_version");
+    uint64_t dropped = 99;
+    assert_int_equal(agent_spool_expire(s, now, &dropped), 0);
+    assert_int_equal(dropped, 0);
+    assert_int_equal(ext_int(db, "PRAGMA data_version"), dv);
+    assert_int_equal(ext_int(db, "SELECT count(*) FROM segments"), 6);
+
+    /* an hour later: 2..3 and 4..5 go (adjacent: one ledger row); 1 is in flight and stays */
+    assert_int_equal(agent_spool_expire(s, now + hour + 60000, &dropped), 0);
+    assert_int_equal(dropped, 4);
+    assert_true(ext_int(db, "PRAGMA data_version") != dv);
+    assert_int_equal(ext_int(db, "SELECT count(*) FROM segments WHERE first_seq IN (2, 4)"), 0);
+    assert_int_equal(ext_int(db, "SELECT count(*) FROM segments WHERE first_seq IN (1,6,8,9)"), 4);
+    assert_int_equal(ext_int(db, "SELECT count(*) FROM ledger"), 1);
+    assert_int_equal(ext_int(db, "SELECT count(*) FROM ledger WHERE reason='expired_ttl' AND"
+                                 " first_seq=2 AND last_seq=5 AND count=4 AND sent=0"),
+                     1);
+    assert_int_equal((uint64_t)ext_int(db, "SELECT epoch FROM ledger"), agent_spool_epoch(s));
+    struct agent_spool_stats st;
+    agent_spool_stats(s, &st);
+    assert_int_equal(st.expired_records, 4);
+    assert_int_equal(st.ledger_unsent, 1);
+    assert_int_equal(st.pending_records, 5);
+    assert_int_equal(st.prio[CIS_PRIO_LOW].records, 3);
+    assert_int_equal(st.prio[CIS_PRIO_NORMAL].records, 1);
+    assert_int_equal(st.prio[CIS_PRIO_HIGH].records, 1);
+    assert_int_equal(st.inflight_segments, 1);
+
+    /* The forwarder takes the row into a batch: it is never extended after that, even by the
+     * adjacent 6..7 (which would otherwise coalesce). 9 is not adjacent to 7 (8 has no TTL). */
+    Cistern__V1__LossEntry *e = NULL;
+    assert_int_equal(agent_spool_ledger_unsent(s, 10, &e, &n), 0);
+    assert_int_equal(n, 1);
+    uint64_t id0 = e[0].id;
+    agent_spool_ledger_free(e, n);
+    assert_int_equal(agent_spool_expire(s, now + 2 * hour + 60000, &dropped), 0);
+    assert_int_equal(dropped, 3);
+    assert_int_equal(ext_int(db, "SELECT count(*) FROM ledger"), 3);
+    assert_int_equal(ext_int_bind(db, "SELECT last_seq FROM ledger WHERE id=?", (int64_t)id0), 5);
+    assert_int_equal(ext_int(db, "SELECT count(*) FROM ledger WHERE reason='expired_ttl' AND"
+                                 " first_seq=6 AND last_seq=7 AND count=2"),
+                     1);
+    assert_int_equal(ext_int(db, "SELECT count(*) FROM ledger WHERE reason='expired_ttl' AND"
+                                 " first_seq=9 AND last_seq=9 AND count=1"),
+                     1);
+    assert_int_equal(agent_spool_ledger_mark_sent(s, &id0, 1), 0);
+
+    /* back from flight, 1 expires on the next sweep */
+    uint64_t one = 1;
+    agent_spool_release(s, &one, 1);
+    assert_int_equal(agent_spool_expire(s, now + 2 * hour + 60000, NULL), 0);
+    assert_int_equal(ext_int(db, "SELECT count(*) FROM segments"), 1); /* 8 */
+    assert_int_equal(ext_int(db, "SELECT count(*) FROM ledger WHERE first_seq=1 AND last_seq=1"
+                                 " AND reason='expired_ttl'"),
+                     1);
+    agent_spool_stats(s, &st);
+    assert_int_equal(st.expired_records, 8);
+    assert_int_equal(st.pending_records, 1);
+    assert_int_equal(st.ledger_unsent, 3);
+    assert_int_equal(st.oldest_created_ms,
+                     ext_int(db, "SELECT created_ms FROM segments WHERE first_seq=8"));
+
+    /* claim skips an expired segment (the sweep has not run yet) and leaves it stored */
+    assert_int_equal(commit_ttl(s, 1, CIS_PRIO_HIGH, 1), 10);
+    assert_int_equal(commit_ttl(s, 1, CIS_PRIO_HIGH, 0), 11);
+    usleep(20 * 1000);
+    assert_int_equal(agent_spool_claim(s, 100, SIZE_MAX, &g, &n), 0);
+    assert_int_equal(n, 2);
+    assert_int_equal(g[0].seg.first_seq, 11);
+    assert_int_equal(g[1].seg.first_seq, 8);
+    agent_spool_segs_free(g, n);
+    assert_int_equal(ext_int(db, "SELECT count(*) FROM segments WHERE first_seq=10"), 1);
+    assert_int_equal(agent_spool_expire(s, cis_wall_ms(), &dropped), 0);
+    assert_int_equal(dropped, 1);
+    assert_int_equal(ext_int(db, "SELECT count(*) FROM segments WHERE first_seq=10"), 0);
+    sqlite3_close(db);
+    agent_spool_close(s);
+
+    /* the counters survive a reopen */
+    s = sp_open(f->path);
+    agent_spool_stats(s, &st);
+    assert_int_equal(st.pending_segments, 2);
+    assert_int_equal(st.ledger_unsent, 4);
+    agent_spool_close(s);
+}
+
+struct model_seg {
+    uint64_t first, last;
+    uint32_t prio;
+    int live, inflight;
+};
+
+/* Eviction order: low class first, oldest first inside a class. */
+static int model_cmp(const void *a, const void *b)
+{
+    const struct model_seg *x = *(const struct model_seg *const *)a;
+    const struct model_seg *y = *(const struct model_seg *const *)b;
+    if (x->prio != y->prio)
+        return x->prio > y->prio ? -1 : 1;
+    return x->first < y->first ? -1 : x->first > y->first;
+}
+
+#define BOUND_MAX (4ULL * 1024 * 1024)
+#define BOUND_REC 20000
+#define BOUND_P1 180 /* single records, classes mixed */
+#define BOUND_P2 200 /* single high records */
+#define BOUND_P3 60  /* low commits of BOUND_BIG records: several segments each */
+#define BOUND_BIG 8
+#define BOUND_SEQS (BOUND_P1 + BOUND_P2 + BOUND_P3 * BOUND_BIG)
+
+static void test_size_bound_drop_oldest(void **state)
+{
+    struct fx *f = *state;
+    struct agent_spool *s = sp_open_opts(f->path, BOUND_MAX, 0, 0, NULL);
+    static uint8_t buf[BOUND_BIG][BOUND_REC];
+    static struct model_seg m[BOUND_SEQS];
+    static const struct model_seg *order[BOUND_SEQS];
+    static uint8_t present[BOUND_SEQS + 2];
+    uint64_t rng = 0x9e3779b97f4a7c15ULL;
+    size_t nm = 0;
+    uint64_t maxsum = 0, phase2 = 0, next = 1;
+    size_t split = 0;
+    sqlite3 *db = ext_open(f->path);
+
+    for (size_t k = 0; k < BOUND_P1 + BOUND_P2 + BOUND_P3; k++) {
+        /* phase 1 mixes the classes, phase 2 is high only: the evictions take every low
+         * segment, then normal, then the oldest high; phase 3 commits 160 KiB at a time, as
+         * the agent's group commits do, stored as segments of at most max_size / 64 */
+        uint32_t prio = k < BOUND_P1 ? (uint32_t)(k % 3) : CIS_PRIO_HIGH;
+        if (k == 0 || k == 1)
+            prio = k == 0 ? CIS_PRIO_LOW : CIS_PRIO_NORMAL;
+        size_t nrec = 1;
+        if (k >= BOUND_P1 + BOUND_P2) {
+            prio = CIS_PRIO_LOW;
+            nrec = BOUND_BIG;
+        }
+        struct cis_record r[BOUND_BIG];
+        uint32_t p[BOUND_BIG];
+        for (size_t i = 0; i < nrec; i++) {
+            fill_random(buf[i], BOUND_REC, &rng);
+            r[i] = (struct cis_record){
+                .ts_ms = 1, .stream = "big", .payload = buf[i], .payload_len = BOUND_REC};
+            p[i] = prio;
+        }
+        assert_int_equal(agent_spool_commit(s, r, p, NULL, nrec), 0);
+        assert_int_equal(r[0].seq, next);
+        if (k == BOUND_P1)
+            phase2 = next;
+
+        /* which stored segments went, and were they the first in eviction order? */
+        memset(present, 0, sizeof(present));
+        size_t nm_before = nm;
+        sqlite3_stmt *q = NULL;
+        assert_int_equal(sqlite3_prepare_v2(db,
+                                            "SELECT first_seq, last_seq, priority FROM segments"
+                                            " ORDER BY first_seq",
+                                            -1, &q, NULL),
+                         SQLITE_OK);
+        while (sqlite3_step(q) == SQLITE_ROW) {
+            int64_t fs = sqlite3_column_int64(q, 0), ls = sqlite3_column_int64(q, 1);
+            assert_true(fs >= 1 && ls >= fs && ls < (int64_t)(next + nrec));
+            present[fs] = 1;
+            if ((uint64_t)fs >= next) { /* this commit's */
+                assert_int_equal(sqlite3_column_int(q, 2), (int)prio);
+                m[nm++] = (struct model_seg){
+                    .first = (uint64_t)fs, .last = (uint64_t)ls, .prio = prio, .live = 1};
+            }
+        }
+        sqlite3_finalize(q);
+        /* the new segments cover the commit's seqs, contiguous, none above the cap */
+        assert_int_equal(m[nm_before].first, next);
+        for (size_t i = nm_before + 1; i < nm; i++)
+            assert_int_equal(m[i].first, m[i - 1].last + 1);
+        assert_int_equal(m[nm - 1].last, next + nrec - 1);
+        if (nm - nm_before > 1)
+            split++;
+        assert_true(nm - nm_before <= (nrec + 2) / 3); /* 3 records of 20 KB in 64 KiB */
+
+        size_t ncand = 0, nevicted = 0;
+        for (size_t i = 0; i < nm_before; i++)
+            if (m[i].live && !m[i].inflight)
+                order[ncand++] = &m[i];
+        qsort(order, ncand, sizeof(order[0]), model_cmp);
+        for (size_t i = 0; i < nm_before; i++) {
+            if (!m[i].live)
+                continue;
+            if (m[i].inflight)
+                assert_true(present[m[i].first]); /* never evicted */
+            if (!present[m[i].first])
+                nevicted++;
+        }
+        for (size_t i = 0; i < ncand; i++)
+            assert_int_equal(present[order[i]->first], i < nevicted ? 0 : 1);
+        for (size_t i = 0; i < nm_before; i++)
+            if (!present[m[i].first])
+                m[i].live = 0;
+
+        if (k == 0 || k == 1) {
+            /* keep the first low and the first normal segment in flight throughout */
+            struct agent_spool_seg *g = NULL;
+            size_t n = 0;
+            assert_int_equal(agent_spool_claim(s, 1, SIZE_MAX, &g, &n), 0);
+            assert_int_equal(n, 1);
+            assert_int_equal(g[0].seg.first_seq, next);
+            agent_spool_segs_free(g, n);
+            m[nm - 1].inflight = 1;
+        }
+        next += nrec;
+
+        uint64_t sum = file_size(f->path) + wal_size(f->path);
+        if (sum > maxsum)
+            maxsum = sum;
+        if (sum > BOUND_MAX + BOUND_MAX / 20)
+            fprintf(stderr, "commit %zu: db %llu + wal %llu\n", k,
+                    (unsigned long long)file_size(f->path), (unsigned long long)wal_size(f->path));
+        assert_true(sum <= BOUND_MAX + BOUND_MAX / 20);
+        if (k == BOUND_P1 + BOUND_P2 - 1 || k == BOUND_P1 + BOUND_P2 + BOUND_P3 - 1) {
+            fprintf(stderr,
+                    "size bound after commit %zu: max %llu, now %llu (db %llu + wal %llu),"
+                    " max_size %llu\n",
+                    k, (unsigned long long)maxsum, (unsigned long long)sum,
+                    (unsigned long long)file_size(f->path), (unsigned long long)wal_size(f->path),
+                    (unsigned long long)BOUND_MAX);
+            assert_true(sum >= BOUND_MAX - BOUND_MAX / 20);
+        }
+    }
+    assert_int_equal(split, BOUND_P3);
+
+    /* every seq ever committed is stored or inside exactly one evicted_full range */
+    static uint8_t cover[BOUND_SEQS + 2];
+    memset(cover, 0, sizeof(cover));
+    uint64_t evicted = 0;
+    sqlite3_stmt *q = NULL;
+    assert_int_equal(sqlite3_prepare_v2(db,
+                                        "SELECT first_seq, last_seq, record_count, 0 FROM segments"
+                                        " UNION ALL SELECT first_seq, last_seq, count, 1 FROM"
+                                        " ledger WHERE reason='evicted_full'",
+                                        -1, &q, NULL),
+                     SQLITE_OK);
+    while (sqlite3_step(q) == SQLITE_ROW) {
+        int64_t a = sqlite3_column_int64(q, 0), b = sqlite3_column_int64(q, 1);
+        assert_true(a >= 1 && b >= a && b <= BOUND_SEQS);
+        assert_int_equal(sqlite3_column_int64(q, 2), b - a + 1);
+        for (int64_t x = a; x <= b; x++)
+            cover[x]++;
+        if (sqlite3_column_int(q, 3))
+            evicted += (uint64_t)(b - a + 1);
+    }
+    sqlite3_finalize(q);
+    assert_int_equal(next, BOUND_SEQS + 1);
+    for (size_t x = 1; x <= BOUND_SEQS; x++)
+        assert_int_equal(cover[x], 1);
+    assert_int_equal(ext_int(db, "SELECT count(*) FROM ledger WHERE reason != 'evicted_full'"), 0);
+    struct agent_spool_stats st;
+    agent_spool_stats(s, &st);
+    assert_int_equal(st.evicted_records, evicted);
+    assert_true(evicted > BOUND_SEQS / 2);
+    assert_int_equal(st.pending_records + evicted, BOUND_SEQS);
+    assert_int_equal(st.ledger_unsent, ext_int(db, "SELECT count(*) FROM ledger"));
+    assert_int_equal(st.full, 0);
+    /* Adjacent evictions share a row: from phase 2 on, the high run and the low run of phase
+     * 3 (a row per segment would be hundreds) */
+    int64_t late_rows =
+        ext_int_bind(db, "SELECT count(*) FROM ledger WHERE first_seq >= ?", (int64_t)phase2);
+    fprintf(stderr, "ledger: %lld rows for %llu evicted records (%lld from phase 2 on)\n",
+            (long long)ext_int(db, "SELECT count(*) FROM ledger"), (unsigned long long)evicted,
+            (long long)late_rows);
+    assert_true(late_rows >= 1 && late_rows <= 3);
+    assert_string_equal(ext_text(db, "PRAGMA integrity_check"), "ok");
+    /* the two in flight are still there */
+    assert_int_equal(ext_int(db, "SELECT count(*) FROM segments WHERE first_seq IN (1, 2)"), 2);
+    sqlite3_close(db);
+    agent_spool_close(s);
+
+    /* a smaller max_size is given back with incremental vacuum, a bounded step per
+     * transaction */
+    s = sp_open_opts(f->path, BOUND_MAX / 2, 0, 0, NULL);
+    uint8_t small[64];
+    uint64_t first_db = file_size(f->path);
+    int k = 0;
+    for (agent_spool_stats(s, &st); k < 200 && st.db_bytes > BOUND_MAX / 2; k++) {
+        assert_int_equal(commit_big(s, small, sizeof(small), CIS_PRIO_HIGH, 0, &rng, NULL), 0);
+        agent_spool_stats(s, &st);
+    }
+    fprintf(stderr, "max_size halved: file %llu -> %llu after %d commits\n",
+            (unsigned long long)first_db, (unsigned long long)file_size(f->path), k);
+    assert_true(k > 1); /* bounded work per transaction, not all at once */
+    assert_true(st.db_bytes <= BOUND_MAX / 2);
+    assert_true(file_size(f->path) + wal_size(f->path) <= BOUND_MAX / 2 + BOUND_MAX / 40);
+    agent_spool_close(s);
+}
+
+static void test_size_bound_reject_new(void **state)
+{
+    struct fx *f = *state;
+    const uint64_t max = 1024 * 1024;
+    struct agent_spool *s = sp_open_opts(f->path, max, 1, 0, NULL);
+    static uint8_t buf[BOUND_REC];
+    uint64_t rng = 7;
+    int rc = 0;
+    size_t ok = 0;
+    for (size_t k = 0; k < 200; k++) {
+        rc = commit_big(s, buf, sizeof(buf), CIS_PRIO_LOW, 0, &rng, NULL);
+        if (rc)
+            break;
+        ok++;
+        assert_true(file_size(f->path) + wal_size(f->path) <= max + max / 20);
+    }
+    assert_int_equal(rc, CIS_EFULL);
+    assert_true(ok > 10);
+    struct agent_spool_stats st;
+    agent_spool_stats(s, &st);
+    assert_int_equal(st.full, 1);
+    assert_int_equal(st.next_seq, ok + 1);
+
+    /* refused again: nothing changes, nothing is evicted */
+    uint64_t seq = 12345;
+    assert_int_equal(commit_big(s, buf, sizeof(buf), CIS_PRIO_HIGH, 0, &rng, &seq), CIS_EFULL);
+    assert_int_equal(seq, 999999);
+    assert_int_equal(db_int(f->path, "SELECT count(*) FROM segments"), (int64_t)ok);
+    assert_int_equal(db_int(f->path, "SELECT value FROM meta WHERE key='next_seq'"),
+                     (int64_t)ok + 1);
+    assert_int_equal(db_int(f->path, "SELECT count(*) FROM ledger"), 0);
+    agent_spool_stats(s, &st);
+    assert_int_equal(st.pending_records, ok);
+    assert_int_equal(st.evicted_records, 0);
+    assert_true(file_size(f->path) + wal_size(f->path) <= max + max / 20);
+
+    /* a delivery frees space: the next commit is taken and the state clears */
+    struct agent_spool_seg *g = NULL;
+    size_t n = 0;
+    assert_int_equal(agent_spool_claim(s, 2, SIZE_MAX, &g, &n), 0);
+    assert_int_equal(n, 2);
+    uint64_t firsts[2] = {g[0].seg.first_seq, g[1].seg.first_seq};
+    agent_spool_segs_free(g, n);
+    assert_int_equal(agent_spool_ack(s, firsts, 2), 0);
+    assert_int_equal(commit_big(s, buf, sizeof(buf), CIS_PRIO_HIGH, 0, &rng, &seq), 0);
+    assert_int_equal(seq, ok + 1);
+    agent_spool_stats(s, &st);
+    assert_int_equal(st.full, 0);
+    agent_spool_close(s);
+}
+
+#define WAL_MAX (1024 * 1024)
+
+static void test_wal_bound(void **state)
+{
+    struct fx *f = *state;
+    struct agent_spool *s = sp_open_opts(f->path, 0, 0, WAL_MAX, NULL);
+    static uint8_t buf[BOUND_REC];
+    uint64_t rng = 99, maxwal = 0;
+    size_t ok = 0;
+    for (size_t k = 0; k < 150; k++) {
+        assert_int_equal(commit_big(s, buf, sizeof(buf), CIS_PRIO_NORMAL, 0, &rng, NULL), 0);
+        ok++;
+        uint64_t w = wal_size(f->path);
+        if (w > maxwal)
+            maxwal = w;
+        assert_true(w <= WAL_MAX);
+    }
+    /* checkpoints keep it at a quarter of the cap (+ one commit), not at the cap */
+    assert_true(maxwal <= WAL_MAX / 4 + 64 * 1024);
+
+    /* A reader holds a snapshot: checkpoints cannot reset the WAL. Commits go on until the WAL
+     * is at its cap, then fail with CIS_EAGAIN (nothing committed); the WAL never passes it. */
+    sqlite3 *db = ext_open(f->path);
+    ext_exec(db, "BEGIN");
+    assert_int_equal(ext_int(db, "SELECT count(*) FROM segments"), (int64_t)ok);
+    size_t eagain = 0, during = 0;
+    struct agent_spool_stats st;
+    for (size_t k = 0; k < 200 && eagain < 3; k++) {
+        agent_spool_stats(s, &st);
+        uint64_t before = st.next_seq;
+        uint64_t seq = 0;
+        int rc = commit_big(s, buf, sizeof(buf), CIS_PRIO_NORMAL, 0, &rng, &seq);
+        assert_true(rc == 0 || rc == CIS_EAGAIN);
+        agent_spool_stats(s, &st);
+        if (rc == CIS_EAGAIN) {
+            eagain++;
+            assert_int_equal(seq, 999999);
+            assert_int_equal(st.next_seq, before);
+        } else {
+            assert_int_equal(eagain, 0); /* once capped, stays capped while the reader holds */
+            ok++;
+            during++;
+        }
+        assert_true(wal_size(f->path) <= WAL_MAX);
+        assert_true(st.wal_bytes <= WAL_MAX);
+    }
+    assert_int_equal(eagain, 3);
+    assert_true(during >= 10); /* the reader did not stop commits before the cap */
+    /* the reader's snapshot is intact */
+    assert_int_equal(ext_int(db, "SELECT count(*) FROM segments"), (int64_t)(ok - during));
+    ext_exec(db, "COMMIT");
+    sqlite3_close(db);
+
+    /* the reader is gone: the next commit truncates the WAL first, so it holds only that
+     * commit (and the spool's own figure is the file's size) */
+    assert_true(wal_size(f->path) > WAL_MAX / 2);
+    assert_int_equal(commit_big(s, buf, sizeof(buf), CIS_PRIO_NORMAL, 0, &rng, NULL), 0);
+    ok++;
+    assert_true(wal_size(f->path) > 0 && wal_size(f->path) <= 64 * 1024);
+    agent_spool_stats(s, &st);
+    assert_int_equal(st.wal_bytes, wal_size(f->path));
+    assert_int_equal(st.pending_records, ok);
+    assert_int_equal(db_int(f->path, "SELECT count(*) FROM segments"), (int64_t)ok);
+    assert_int_equal(db_int(f->path, "SELECT value FROM meta WHERE key='next_seq'"),
+                     (int64_t)ok + 1);
+    agent_spool_close(s);
+}
+
+static int read_file(const char *path, uint8_t **out, size_t *len)
+{
+    *out = NULL;
+    *len = 0;
+    FILE *fp = fopen(path, "rb");
+    if (!fp)
+        return 0; /* e.g. no -wal */
+    uint8_t *b = NULL;
+    size_t n = 0, cap = 0;
+    for (;;) {
+        if (n == cap) {
+            cap = cap ? cap * 2 : 65536;
+            uint8_t *p = realloc(b, cap);
+            assert_non_null(p);
+            b = p;
+        }
+        size_t r = fread(b + n, 1, cap - n, fp);
+        n += r;
+        if (r == 0)
+            break;
+    }
+    fclose(fp);
+    *out = b;
+    *len = n;
+    return 1;
+}
+
+/* Do these bytes appear anywhere in the database or its WAL? */
+static int on_disk(const char *dbpath, const uint8_t *needle, size_t nlen)
+{
+    char p[256];
+    const char *paths[2] = {dbpath, p};
+    snprintf(p, sizeof(p), "%s-wal", dbpath);
+    int found = 0;
+    for (int i = 0; i < 2 && !found; i++) {
+        uint8_t *b = NULL;
+        size_t len = 0;
+        if (!read_file(paths[i], &b, &len))
+            continue;
+        found = len >= nlen && memmem(b, len, needle, nlen) != NULL;
+        free(b);
+    }
+    return found;
+}
+
+static struct agent_seal *load_key(const struct fx *f, const char *name)
+{
+    char p[192], err[256] = "";
+    snprintf(p, sizeof(p), "%s/%s", f->dir, name);
+    struct agent_seal *k = NULL;
+    if (access(p, F_OK) != 0)
+        assert_int_equal(agent_seal_keygen(p, err, sizeof(err)), 0);
+    int rc = agent_seal_load(p, &k, err, sizeof(err));
+    if (rc)
+        fprintf(stderr, "seal load: %s\n", err);
+    assert_int_equal(rc, 0);
+    return k;
+}
+
+static void test_sealing(void **state)
+{
+    struct fx *f = *state;
+    struct agent_seal *k1 = load_key(f, "k1.key");
+    struct agent_seal *k2 = load_key(f, "k2.key");
+    uint64_t rng = 5;
+    static uint8_t pay[3][256];
+    for (int i = 0; i < 3; i++)
+        fill_random(pay[i], sizeof(pay[i]), &rng);
+    struct cis_record r = {.ts_ms = 1, .stream = "x", .payload_len = sizeof(pay[0])};
+    const uint32_t prio = CIS_PRIO_NORMAL;
+
+    /* control: unsealed, the payload is on disk as it is (so the check below can fail) */
+    char plain[192];
+    snprintf(plain, sizeof(plain), "%s/plain.db", f->dir);
+    struct agent_spool *s = sp_open(plain);
+    r.payload = pay[0];
+    assert_int_equal(agent_spool_commit(s, &r, &prio, NULL, 1), 0);
+    assert_true(on_disk(plain, pay[0], sizeof(pay[0])));
+    agent_spool_close(s);
+
+    /* a segment stored before sealing was turned on is sent as it is */
+    s = sp_open(f->path);
+    r.payload = pay[0];
+    assert_int_equal(agent_spool_commit(s, &r, &prio, NULL, 1), 0); /* 1 */
+    agent_spool_close(s);
+
+    s = sp_open_opts(f->path, 0, 0, 0, k1);
+    assert_int_equal((uint64_t)db_int(f->path, "SELECT value FROM meta WHERE key='key_id'"),
+                     agent_seal_key_id(k1));
+    for (int i = 0; i < 3; i++) {
+        r.payload = pay[i];
+        assert_int_equal(agent_spool_commit(s, &r, &prio, NULL, 1), 0); /* 2, 3, 4 */
+        assert_int_equal(r.seq, (uint64_t)i + 2);
+    }
+    assert_int_equal(db_int(f->path, "SELECT count(*) FROM segments WHERE sealed=1"), 3);
+    assert_int_equal(db_int(f->path, "SELECT sealed FROM segments WHERE first_seq=1"), 0);
+    for (int i = 1; i < 3; i++)
+        assert_false(on_disk(f->path, pay[i], sizeof(pay[i])));
+
+    /* claim hands out plaintext that decodes */
+    struct agent_spool_seg *g = NULL;
+    size_t n = 0;
+    assert_int_equal(agent_spool_claim(s, 100, SIZE_MAX, &g, &n), 0);
+    assert_int_equal(n, 4);
+    uint64_t firsts[4];
+    for (size_t k = 0; k < n; k++) {
+        firsts[k] = g[k].seg.first_seq;
+        assert_int_equal(g[k].seg.first_seq, k + 1);
+        Cistern__V1__SegmentBody *body = NULL;
+        char why[128] = "";
+        int rc = cis_segment_decode(&g[k].seg, 1 << 20, &body, why, sizeof(why));
+        if (rc)
+            fprintf(stderr, "decode: %s\n", why);
+        assert_int_equal(rc, 0);
+        assert_int_equal(body->n_records, 1);
+        assert_int_equal(body->records[0]->seq, k + 1);
+        const uint8_t *want = pay[k == 0 ? 0 : k - 1];
+        assert_int_equal(body->records[0]->payload.len, sizeof(pay[0]));
+        assert_memory_equal(body->records[0]->payload.data, want, sizeof(pay[0]));
+        cistern__v1__segment_body__free_unpacked(body, NULL);
+    }
+    agent_spool_segs_free(g, n);
+    agent_spool_release(s, firsts, n);
+
+    /* one flipped byte in segment 3: never returned, deleted, ledgered as tampered */
+    sqlite3 *db = ext_open(f->path);
+    sqlite3_stmt *q = NULL;
+    assert_int_equal(
+        sqlite3_prepare_v2(db, "SELECT data FROM segments WHERE first_seq=3", -1, &q, NULL),
+        SQLITE_OK);
+    assert_int_equal(sqlite3_step(q), SQLITE_ROW);
+    size_t blen = (size_t)sqlite3_column_bytes(q, 0);
+    uint8_t *blob = malloc(blen);
+    assert_non_null(blob);
+    memcpy(blob, sqlite3_column_blob(q, 0), blen);
+    sqlite3_finalize(q);
+    blob[blen / 2] ^= 0x01;
+    assert_int_equal(
+        sqlite3_prepare_v2(db, "UPDATE segments SET data=? WHERE first_seq=3", -1, &q, NULL),
+        SQLITE_OK);
+    sqlite3_bind_blob(q, 1, blob, (int)blen, SQLITE_STATIC);
+    assert_int_equal(sqlite3_step(q), SQLITE_DONE);
+    sqlite3_finalize(q);
+    free(blob);
+
+    assert_int_equal(agent_spool_claim(s, 100, SIZE_MAX, &g, &n), 0);
+    assert_int_equal(n, 3);
+    assert_int_equal(g[0].seg.first_seq, 1);
+    assert_int_equal(g[1].seg.first_seq, 2);
+    assert_int_equal(g[2].seg.first_seq, 4);
+    agent_spool_segs_free(g, n);
+    assert_int_equal(ext_int(db, "SELECT count(*) FROM segments WHERE first_seq=3"), 0);
+    assert_int_equal(ext_int(db, "SELECT count(*) FROM ledger"), 1);
+    assert_int_equal(ext_int(db, "SELECT count(*) FROM ledger WHERE reason='tampered' AND"
+                                 " first_seq=3 AND last_seq=3 AND count=1 AND detail LIKE"
+                                 " '%authentication%'"),
+                     1);
+    sqlite3_close(db);
+    struct agent_spool_stats st;
+    agent_spool_stats(s, &st);
+    assert_int_equal(st.tampered_records, 1);
+    assert_int_equal(st.pending_segments, 3);
+    assert_int_equal(st.ledger_unsent, 1);
+    agent_spool_close(s);
+
+    /* another key, or none, with sealed segments stored: refused, and nothing changes */
+    char err[256] = "";
+    struct agent_spool_opts o = {.path = f->path, .zstd_level = 3, .seal = k2};
+    struct agent_spool *s2 = NULL;
+    assert_int_equal(agent_spool_open(&o, &s2, err, sizeof(err)), CIS_EINVAL);
+    assert_null(s2);
+    assert_non_null(strstr(err, "key id"));
+    o.seal = NULL;
+    err[0] = 0;
+    assert_int_equal(agent_spool_open(&o, &s2, err, sizeof(err)), CIS_EINVAL);
+    assert_null(s2);
+    assert_non_null(strstr(err, "spool.encryption_key_file"));
+    assert_int_equal(db_int(f->path, "SELECT count(*) FROM segments"), 3);
+    assert_int_equal((uint64_t)db_int(f->path, "SELECT value FROM meta WHERE key='key_id'"),
+                     agent_seal_key_id(k1));
+
+    /* once nothing sealed is left, a new key is taken (nothing would fail to open) */
+    s = sp_open_opts(f->path, 0, 0, 0, k1);
+    ack_all(s);
+    agent_spool_close(s);
+    s = sp_open_opts(f->path, 0, 0, 0, k2);
+    assert_int_equal((uint64_t)db_int(f->path, "SELECT value FROM meta WHERE key='key_id'"),
+                     agent_seal_key_id(k2));
+    agent_spool_close(s);
+    agent_seal_free(k1);
+    agent_seal_free(k2);
+}
+
+/* The spool's own connection, caught as it opens, to set PRAGMA max_page_count on it: SQLite
+ * then answers SQLITE_FULL as on a full device. */
+static sqlite3 *g_spool_db;
+
+static int catch_db(sqlite3 *db, char **msg, const struct sqlite3_api_routines *api)
+{
+    (void)msg;
+    (void)api;
+    if (!g_spool_db)
+        g_spool_db = db;
+    return SQLITE_OK;
+}
+
+static void test_disk_full_max_page_count(void **state)
+{
+    struct fx *f = *state;
+    g_spool_db = NULL;
+    assert_int_equal(sqlite3_auto_extension((void (*)(void))catch_db), SQLITE_OK);
+    struct agent_spool *s = sp_open(f->path);
+    sqlite3_reset_auto_extension();
+    assert_non_null(g_spool_db);
+    commit_n(s, 2, CIS_PRIO_NORMAL); /* 1..2 */
+
+    int64_t pages = 0;
+    {
+        sqlite3_stmt *st = NULL;
+        assert_int_equal(sqlite3_prepare_v2(g_spool_db, "PRAGMA page_count", -1, &st, NULL),
+                         SQLITE_OK);
+        assert_int_equal(sqlite3_step(st), SQLITE_ROW);
+        pages = sqlite3_column_int64(st, 0);
+        sqlite3_finalize(st);
+    }
+    char sql[64];
+    snprintf(sql, sizeof(sql), "PRAGMA max_page_count=%lld", (long long)pages);
+    assert_int_equal(sqlite3_exec(g_spool_db, sql, NULL, NULL, NULL), SQLITE_OK);
+
+    static uint8_t buf[BOUND_REC];
+    uint64_t rng = 3, seq = 0;
+    assert_int_equal(commit_big(s, buf, sizeof(buf), CIS_PRIO_LOW, 60000, &rng, &seq), CIS_ENOSPC);
+    assert_int_equal(seq, 999999);
+    assert_int_equal(commit_big(s, buf, sizeof(buf), CIS_PRIO_HIGH, 0, &rng, &seq), CIS_ENOSPC);
+    struct agent_spool_stats st;
+    agent_spool_stats(s, &st);
+    assert_int_equal(st.next_seq, 3);
+    assert_int_equal(st.pending_records, 2);
+    assert_int_equal(st.pending_segments, 1);
+    assert_int_equal(st.prio[CIS_PRIO_LOW].records, 0);
+    assert_int_equal(st.prio[CIS_PRIO_HIGH].records, 0);
+    assert_int_equal(st.full, 0); /* the device, not max_size */
+    assert_int_equal(db_int(f->path, "SELECT count(*) FROM segments"), 1);
+    assert_int_equal(db_int(f->path, "SELECT value FROM meta WHERE key='next_seq'"), 3);
+    /* reads and small writes go on (deliveries free space) */
+    struct agent_spool_seg *g = NULL;
+    size_t n = 0;
+    assert_int_equal(agent_spool_claim(s, 10, SIZE_MAX, &g, &n), 0);
+    assert_int_equal(n, 1);
+    agent_spool_segs_free(g, n);
+
+    /* space is back: the commit goes through with the seqs it would have had */
+    assert_int_equal(sqlite3_exec(g_spool_db, "PRAGMA max_page_count=1073741823", NULL, NULL, NULL),
+                     SQLITE_OK);
+    assert_int_equal(commit_big(s, buf, sizeof(buf), CIS_PRIO_LOW, 60000, &rng, &seq), 0);
+    assert_int_equal(seq, 3);
+    agent_spool_stats(s, &st);
+    assert_int_equal(st.next_seq, 4);
+    assert_int_equal(st.prio[CIS_PRIO_LOW].records, 1);
+    assert_int_equal(db_int(f->path, "SELECT count(*) FROM segments"), 2);
+    g_spool_db = NULL;
+    agent_spool_close(s);
+}
+
+static void test_ledger_add_and_salvage(void **state)
+{
+    struct fx *f = *state;
+    struct agent_spool *s = sp_open(f->path);
+    assert_int_equal(agent_spool_ledger_add(s, "corrupt_spool", 777, 5, 9, 5, "moved aside"), 0);
+    assert_int_equal(agent_spool_ledger_add(s, "corrupt_spool", 0, 0, 0, 0, NULL), 0);
+    assert_int_equal(agent_spool_ledger_add(s, NULL, 1, 1, 1, 1, NULL), CIS_EINVAL);
+    assert_int_equal(db_int(f->path, "SELECT count(*) FROM ledger WHERE reason='corrupt_spool'"
+                                     " AND epoch=777 AND first_seq=5 AND last_seq=9 AND count=5"
+                                     " AND detail='moved aside' AND sent=0"),
+                     1);
+    assert_int_equal(db_int(f->path, "SELECT count(*) FROM ledger"), 2);
+    struct agent_spool_stats st;
+    agent_spool_stats(s, &st);
+    assert_int_equal(st.ledger_unsent, 2);
+
+    struct agent_spool_salvage sv;
+    agent_spool_salvage_info(s, &sv);
+    assert_int_equal(sv.epoch, agent_spool_epoch(s));
+    assert_int_equal(sv.next_seq, 1);
+    assert_int_equal(sv.min_pending_seq, 0);
+    commit_n(s, 2, CIS_PRIO_LOW);  /* 1..2 */
+    commit_n(s, 3, CIS_PRIO_HIGH); /* 3..5 */
+    agent_spool_salvage_info(s, &sv);
+    assert_int_equal(sv.next_seq, 6);
+    assert_int_equal(sv.min_pending_seq, 1);
+    uint64_t one = 1;
+    assert_int_equal(agent_spool_ack(s, &one, 1), 0);
+    agent_spool_salvage_info(s, &sv);
+    assert_int_equal(sv.min_pending_seq, 3);
+    ack_all(s);
+    agent_spool_salvage_info(s, &sv);
+    assert_int_equal(sv.min_pending_seq, 0);
+    agent_spool_close(s);
 }
 
 #define T(fn) cmocka_unit_test_setup_teardown(fn, fx_setup, fx_teardown)
@@ -916,6 +1996,15 @@ int main(void)
         T(test_commit_disk_full),
         T(test_external_reader_does_not_block),
         T(test_open_errors),
+        T(test_commit_groups_by_priority_and_ttl),
+        T(test_schema_v1_upgrade),
+        T(test_expire),
+        T(test_size_bound_drop_oldest),
+        T(test_size_bound_reject_new),
+        T(test_wal_bound),
+        T(test_sealing),
+        T(test_disk_full_max_page_count),
+        T(test_ledger_add_and_salvage),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

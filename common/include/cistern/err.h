@@ -10,11 +10,13 @@ enum {
     CIS_ECONFIG = -4,  /* configuration error (message carries file:line:col) */
     CIS_EDECODE = -5,  /* bytes do not decode as a valid batch or segment */
     CIS_ETOOBIG = -6,  /* a size limit was exceeded */
-    CIS_EFULL = -7,    /* disk or spool full */
+    CIS_EFULL = -7,    /* full: the spool at its max_size, or (receiver) its store full */
     CIS_ECORRUPT = -8, /* stored data failed an integrity check */
     CIS_ENOTFOUND = -9,
     CIS_EAGAIN = -10,  /* try again later */
     CIS_EDB = -11,     /* database error other than full/corrupt */
+    CIS_ENOSPC = -12,  /* the device has no space left (ENOSPC, SQLITE_FULL) */
+    CIS_ETAMPERED = -13, /* sealed data failed authentication */
 };
 
 /* A static, human-readable description of a CIS_E* code. Never NULL. */
