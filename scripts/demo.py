@@ -98,6 +98,9 @@ class Demo:
         rc = self.recv.stop()
         say("receiver stopped (exit %s): records buffer in the spool" % rc)
         self.run_for(a.seconds_down, lambda: "(receiver down)")
+        say("what a technician at the gateway sees now (cistern-agent status):")
+        for ln in self.agent.status(json_out=False).rstrip().splitlines():
+            say("    " + ln)
 
         self.recv.start()
         say("receiver restarted: the spool drains")
