@@ -1067,7 +1067,7 @@ int agent_spool_open(const struct agent_spool_opts *o, struct agent_spool **out,
          * the header at every start (a flash write, and into a file not yet checked). */
         struct stat fsb;
         int is_new = stat(o->path, &fsb) != 0 || fsb.st_size == 0;
-        rc = spool__pragma(s, is_new ? "PRAGMA auto_vacuum=INCREMENTAL" : "PRAGMA schema_version",
+        rc = spool__pragma(s, is_new ? "PRAGMA page_size=1024; PRAGMA auto_vacuum=INCREMENTAL" : "PRAGMA schema_version",
                            err, errlen);
     }
     if (rc != SQLITE_OK) {
