@@ -1,4 +1,5 @@
-/* cistern-receiver: command line, start-up and shutdown around the store and HTTP ingest. */
+/* cistern-receiver: command line, start-up and shutdown around the store and the HTTP and
+ * MQTT ingests. */
 #include <getopt.h>
 #include <pthread.h>
 #include <signal.h>
@@ -10,6 +11,7 @@
 #include <cistern/log.h>
 
 #include "ingest/http.h"
+#include "ingest/mqtt.h"
 #include "recv_config.h"
 #include "store/store.h"
 
@@ -22,8 +24,9 @@ static void usage(FILE *f)
             "Usage: cistern-receiver [--config FILE]\n"
             "       cistern-receiver --check-config FILE\n"
             "\n"
-            "Receives batches from cistern-agent over HTTPS (mutual TLS), stores them once,\n"
-            "and answers with an acknowledgement after the store has committed.\n"
+            "Receives batches from cistern-agent over HTTPS (mutual TLS) and/or from an MQTT\n"
+            "broker (shared subscription), stores them once, and answers with an\n"
+            "acknowledgement after the store has committed.\n"
             "\n"
             "Options:\n"
             "  -c, --config FILE        configuration file (default " DEFAULT_CONFIG ")\n"
@@ -32,8 +35,8 @@ static void usage(FILE *f)
             "  -h, --help               show this help and exit\n"
             "  -V, --version            show the version and exit\n"
             "\n"
-            "Signals: SIGTERM or SIGINT stop accepting, finish requests in progress, close the\n"
-            "store and exit 0.\n");
+            "Signals: SIGTERM or SIGINT stop accepting, finish requests in progress, disconnect\n"
+            "from the broker (its session keeps later batches), close the store and exit 0.\n");
 }
 
 int main(int argc, char **argv)
@@ -51,6 +54,7 @@ int main(int argc, char **argv)
     const struct recv_store_ops *ops = NULL;
     struct recv_store *st = NULL;
     struct recv_http *http = NULL;
+    struct recv_mqtt *mqtt = NULL;
     struct recv_store_opts so = {0};
     char err[1024] = "";
     sigset_t sigs;
@@ -117,22 +121,39 @@ int main(int argc, char **argv)
         cis_error("[store] cannot open %s store: %s", ops->name, err);
         goto out;
     }
-    if (recv_http_start(&cfg, ops, st, &http, err, sizeof err) != 0) {
+    if (cfg.listen_http != NULL && cfg.listen_http[0] != '\0' &&
+        recv_http_start(&cfg, ops, st, &http, err, sizeof err) != 0) {
         cis_error("[http] %s", err);
         goto out;
     }
-    cis_info("[main] cistern-receiver %s started: listen %s%s%s (%s), store %s %s (sync %s)",
-             CISTERN_VERSION, recv_http_address(http),
-             recv_http_api_address(http) ? ", api " : "",
-             recv_http_api_address(http) ? recv_http_api_address(http) : "",
-             cfg.insecure_plain_http ? "plain http" : "https, client certificates", ops->name,
-             cfg.store_path, cfg.store_sync == RECV_SYNC_FULL ? "full" : "normal");
+    if (cfg.mqtt_url != NULL && cfg.mqtt_url[0] != '\0' &&
+        recv_mqtt_start(&cfg, ops, st, &mqtt, err, sizeof err) != 0) {
+        cis_error("[mqtt] %s", err);
+        goto out;
+    }
+    if (http != NULL)
+        cis_info("[main] cistern-receiver %s started: listen %s%s%s (%s)%s%s%s, store %s %s "
+                 "(sync %s)",
+                 CISTERN_VERSION, recv_http_address(http),
+                 recv_http_api_address(http) ? ", api " : "",
+                 recv_http_api_address(http) ? recv_http_api_address(http) : "",
+                 cfg.insecure_plain_http ? "plain http" : "https, client certificates",
+                 mqtt ? ", mqtt " : "", mqtt ? cfg.mqtt_url : "",
+                 mqtt ? " (shared subscription)" : "", ops->name, cfg.store_path,
+                 cfg.store_sync == RECV_SYNC_FULL ? "full" : "normal");
+    else
+        cis_info("[main] cistern-receiver %s started: mqtt %s (shared subscription, no HTTP "
+                 "listener), store %s %s (sync %s)",
+                 CISTERN_VERSION, cfg.mqtt_url, ops->name, cfg.store_path,
+                 cfg.store_sync == RECV_SYNC_FULL ? "full" : "normal");
 
     if (sigwait(&sigs, &sig) != 0)
         sig = SIGTERM;
     cis_info("[main] %s: stopping", sig == SIGINT ? "SIGINT" : "SIGTERM");
     ret = 0;
 out:
+    /* Both ingests stop before the store closes: a batch in progress finishes first. */
+    recv_mqtt_stop(mqtt);
     recv_http_stop(http, SHUTDOWN_GRACE_MS);
     if (ops != NULL)
         ops->close(st);

@@ -18,7 +18,7 @@ static const struct cis_cfg_key recv_keys[] = {
     {.path = "log.level", .type = CIS_CFG_ENUM, .offset = O(log_level), .def = "info",
      .help = "log level: debug | info | warn | error", .enum_values = log_levels},
     {.path = "listen.http", .type = CIS_CFG_STRING, .offset = O(listen_http),
-     .help = "ingest and API listener, host:port ([v6]:port for IPv6)", .required = 1},
+     .help = "ingest and API listener, host:port ([v6]:port for IPv6); optional with mqtt.url"},
     {.path = "listen.tls.cert_file", .type = CIS_CFG_STRING, .offset = O(tls_cert_file),
      .help = "server certificate (PEM)"},
     {.path = "listen.tls.key_file", .type = CIS_CFG_STRING, .offset = O(tls_key_file),
@@ -49,12 +49,97 @@ static const struct cis_cfg_key recv_keys[] = {
     {.path = "limits.connection_timeout", .type = CIS_CFG_DURATION,
      .offset = O(connection_timeout_ms), .def = "30s", .help = "idle connection timeout",
      .min = 1000, .max = INT64_C(86400000)},
+    {.path = "mqtt.url", .type = CIS_CFG_STRING, .offset = O(mqtt_url),
+     .help = "broker for MQTT ingest, ssl://host:8883 or mqtts://host:8883; unset: no MQTT"},
+    {.path = "mqtt.group", .type = CIS_CFG_STRING, .offset = O(mqtt_group), .def = "cistern",
+     .help = "shared subscription group: the receivers of one group split the batches"},
+    {.path = "mqtt.topic_prefix", .type = CIS_CFG_STRING, .offset = O(mqtt_topic_prefix),
+     .def = "cistern/v1", .help = "batches arrive on <prefix>/<agent_id>/batch"},
+    {.path = "mqtt.client_id", .type = CIS_CFG_STRING, .offset = O(mqtt_client_id),
+     .help = "client id of this receiver's persistent session, unique per receiver (required "
+             "with mqtt.url)"},
+    {.path = "mqtt.tls.ca_file", .type = CIS_CFG_STRING, .offset = O(mqtt_ca_file),
+     .help = "CA of the broker's certificate (default: the system's)"},
+    {.path = "mqtt.tls.cert_file", .type = CIS_CFG_STRING, .offset = O(mqtt_cert_file),
+     .help = "client certificate for the broker (PEM)"},
+    {.path = "mqtt.tls.key_file", .type = CIS_CFG_STRING, .offset = O(mqtt_key_file),
+     .help = "client private key for the broker (PEM)"},
+    {.path = "mqtt.username", .type = CIS_CFG_STRING, .offset = O(mqtt_username),
+     .help = "user name (optional; with a client certificate the broker may use its CN)"},
+    {.path = "mqtt.password", .type = CIS_CFG_STRING, .offset = O(mqtt_password),
+     .help = "password (optional), e.g. ${CISTERN_MQTT_PASSWORD}"},
+    {.path = "mqtt.keepalive", .type = CIS_CFG_DURATION, .offset = O(mqtt_keepalive_ms),
+     .def = "30s", .min = 1000, .max = INT64_C(65535000), .help = "MQTT keep-alive"},
+    {.path = "mqtt.session_expiry", .type = CIS_CFG_DURATION, .offset = O(mqtt_session_expiry_ms),
+     .def = "7d", .min = 1000, .max = INT64_C(4294967) * 1000,
+     .help = "how long the broker keeps this receiver's session, and the batches for it, while "
+             "it is away"},
     {.path = NULL},
 };
 
 static int is_set(const char *s)
 {
     return s != NULL && s[0] != '\0';
+}
+
+/* 1 when S holds an MQTT wildcard, which topic names and prefixes may not. */
+static int has_wildcard(const char *s)
+{
+    return strpbrk(s, "+#") != NULL;
+}
+
+static int mqtt_check(struct recv_config *c, struct cis_cfg_report *r)
+{
+    const char *url = c->mqtt_url, *p = c->mqtt_topic_prefix, *g = c->mqtt_group;
+    size_t plen = p ? strlen(p) : 0;
+    int bad = 0;
+
+    if (!is_set(url)) {
+        /* Keys without a default that only MQTT reads: set without mqtt.url, they are a
+         * mistake (MQTT ingest is off), not something to ignore quietly. */
+        static const char *const keys[] = {"mqtt.client_id", "mqtt.tls.ca_file",
+                                           "mqtt.tls.cert_file", "mqtt.tls.key_file",
+                                           "mqtt.username", "mqtt.password"};
+        const char *const vals[] = {c->mqtt_client_id, c->mqtt_ca_file, c->mqtt_cert_file,
+                                    c->mqtt_key_file, c->mqtt_username, c->mqtt_password};
+        for (size_t i = 0; i < sizeof keys / sizeof keys[0]; i++)
+            if (vals[i] != NULL) {
+                cis_cfg_report_error(r, keys[i], "has no effect without mqtt.url (MQTT ingest "
+                                                 "is off): set mqtt.url or remove this key");
+                return 1;
+            }
+        return 0;
+    }
+    if ((strncmp(url, "ssl://", 6) != 0 || url[6] == '\0') &&
+        (strncmp(url, "mqtts://", 8) != 0 || url[8] == '\0')) {
+        cis_cfg_report_error(r, "mqtt.url",
+                             "\"%s\": MQTT ingest needs TLS: ssl://host:8883 or "
+                             "mqtts://host:8883", url);
+        bad = 1;
+    }
+    if (!is_set(c->mqtt_client_id)) {
+        cis_cfg_report_error(r, "mqtt.client_id",
+                             "is required with mqtt.url: each receiver of a group needs its own "
+                             "client id, the name of its persistent session");
+        bad = 1;
+    }
+    if (!is_set(g) || strchr(g, '/') != NULL || has_wildcard(g)) {
+        cis_cfg_report_error(r, "mqtt.group", "\"%s\" must be a non-empty name without '/', "
+                             "'+' or '#'", g ? g : "");
+        bad = 1;
+    }
+    if (plen == 0 || p[0] == '/' || p[plen - 1] == '/' || has_wildcard(p) || p[0] == '$') {
+        cis_cfg_report_error(r, "mqtt.topic_prefix",
+                             "\"%s\" must be a topic such as cistern/v1: not empty, no "
+                             "leading or trailing '/', no '+', '#' or leading '$'", p ? p : "");
+        bad = 1;
+    }
+    if ((c->mqtt_cert_file == NULL) != (c->mqtt_key_file == NULL)) {
+        cis_cfg_report_error(r, c->mqtt_cert_file ? "mqtt.tls.key_file" : "mqtt.tls.cert_file",
+                             "cert_file and key_file go together");
+        bad = 1;
+    }
+    return bad;
 }
 
 static int recv_config_check(void *obj, struct cis_cfg_report *r)
@@ -64,33 +149,50 @@ static int recv_config_check(void *obj, struct cis_cfg_report *r)
     unsigned port;
     int bad = 0;
 
-    if (cis_parse_hostport(c->listen_http, host, sizeof host, &port, why, sizeof why) != 0) {
-        cis_cfg_report_error(r, "listen.http", "\"%s\" %s", c->listen_http, why);
+    if (!is_set(c->listen_http)) {
+        /* An MQTT-only receiver has no HTTP listener; a receiver with neither has no ingest. */
+        if (!is_set(c->mqtt_url)) {
+            cis_cfg_report_error(r, "listen.http",
+                                 "is required unless mqtt.url is set: a receiver needs at least "
+                                 "one ingest (listen.http for HTTPS, mqtt.url for MQTT)");
+            bad = 1;
+        }
+        if (is_set(c->listen_api)) {
+            cis_cfg_report_error(r, "listen.api", "needs listen.http: the read API listener "
+                                                  "runs beside the HTTP ingest listener");
+            bad = 1;
+        }
+    } else {
+        if (cis_parse_hostport(c->listen_http, host, sizeof host, &port, why, sizeof why) != 0) {
+            cis_cfg_report_error(r, "listen.http", "\"%s\" %s", c->listen_http, why);
+            bad = 1;
+        }
+        if (is_set(c->listen_api) &&
+            cis_parse_hostport(c->listen_api, host, sizeof host, &port, why, sizeof why) != 0) {
+            cis_cfg_report_error(r, "listen.api", "\"%s\" %s", c->listen_api, why);
+            bad = 1;
+        }
+        if (!c->insecure_plain_http) {
+            if (!is_set(c->tls_cert_file)) {
+                cis_cfg_report_error(r, "listen.tls.cert_file",
+                                     "is required unless listen.insecure_plain_http is true");
+                bad = 1;
+            }
+            if (!is_set(c->tls_key_file)) {
+                cis_cfg_report_error(r, "listen.tls.key_file",
+                                     "is required unless listen.insecure_plain_http is true");
+                bad = 1;
+            }
+            if (!is_set(c->tls_client_ca_file)) {
+                cis_cfg_report_error(r, "listen.tls.client_ca_file",
+                                     "is required with TLS: gateways are identified by client "
+                                     "certificate");
+                bad = 1;
+            }
+        }
+    }
+    if (mqtt_check(c, r))
         bad = 1;
-    }
-    if (is_set(c->listen_api) &&
-        cis_parse_hostport(c->listen_api, host, sizeof host, &port, why, sizeof why) != 0) {
-        cis_cfg_report_error(r, "listen.api", "\"%s\" %s", c->listen_api, why);
-        bad = 1;
-    }
-    if (!c->insecure_plain_http) {
-        if (!is_set(c->tls_cert_file)) {
-            cis_cfg_report_error(r, "listen.tls.cert_file",
-                                 "is required unless listen.insecure_plain_http is true");
-            bad = 1;
-        }
-        if (!is_set(c->tls_key_file)) {
-            cis_cfg_report_error(r, "listen.tls.key_file",
-                                 "is required unless listen.insecure_plain_http is true");
-            bad = 1;
-        }
-        if (!is_set(c->tls_client_ca_file)) {
-            cis_cfg_report_error(r, "listen.tls.client_ca_file",
-                                 "is required with TLS: gateways are identified by client "
-                                 "certificate");
-            bad = 1;
-        }
-    }
     if (c->store_type != RECV_STORE_SQLITE) {
         cis_cfg_report_error(r, "store.type", "\"%s\" is not supported yet (only sqlite)",
                              store_types[c->store_type]);

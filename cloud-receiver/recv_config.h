@@ -12,7 +12,7 @@ enum recv_sync { RECV_SYNC_NORMAL = 0, RECV_SYNC_FULL = 1 };
 
 struct recv_config {
     int log_level;              /* enum cis_log_level */
-    char *listen_http;          /* host:port, required */
+    char *listen_http;          /* host:port; NULL when unset (then mqtt_url is set) */
     char *tls_cert_file;        /* required unless insecure_plain_http */
     char *tls_key_file;         /* required unless insecure_plain_http */
     char *tls_client_ca_file;   /* required unless insecure_plain_http */
@@ -26,6 +26,18 @@ struct recv_config {
     int64_t max_records;
     int64_t max_connections;
     int64_t connection_timeout_ms;
+    /* mqtt: ingest from a broker on a shared subscription; off while mqtt_url is NULL */
+    char *mqtt_url;             /* ssl://host:8883 or mqtts://host:8883 */
+    char *mqtt_group;           /* shared subscription group */
+    char *mqtt_topic_prefix;    /* batches arrive on <prefix>/<agent_id>/batch */
+    char *mqtt_client_id;       /* required with mqtt_url: one persistent session per receiver */
+    char *mqtt_ca_file;         /* NULL: the system's CAs */
+    char *mqtt_cert_file;       /* client certificate and key, together or neither */
+    char *mqtt_key_file;
+    char *mqtt_username;
+    char *mqtt_password;
+    int64_t mqtt_keepalive_ms;
+    int64_t mqtt_session_expiry_ms;
 };
 
 /* The schema of receiver.yaml (keys, types, defaults, help, cross-key check). */

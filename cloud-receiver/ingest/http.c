@@ -26,6 +26,7 @@
 #include <cistern/log.h>
 
 #include "api.h"
+#include "ingest/ingest.h"
 
 #define PEM_MAX (1024 * 1024)
 #define TLS_PRIORITIES "NORMAL:-VERS-ALL:+VERS-TLS1.3:+VERS-TLS1.2"
@@ -44,7 +45,7 @@ struct recv_http {
     const struct recv_store_ops *ops;
     struct recv_store *st;
     uint64_t max_body;
-    struct cis_decode_limits limits;
+    struct recv_ingest_ctx ingest; /* decode, check, store: shared with the MQTT ingest */
     char *key_pem, *cert_pem, *ca_pem;
     int inflight; /* requests between first handler call and completion; atomic */
 };
@@ -327,48 +328,40 @@ static enum MHD_Result batch_data(struct req *r, const char *data, size_t n)
 static enum MHD_Result batch_end(struct req *r, struct MHD_Connection *c)
 {
     struct recv_http *h = r->l->h;
-    struct cis_decoded_batch dec = {0};
-    struct recv_put_result res = {0};
-    struct recv_buf b = {0};
-    char why[256] = "", msg[600];
+    struct recv_ingest_result res;
+    char why[600];
     enum MHD_Result ret;
-    int rc;
+    unsigned status;
 
     if (r->too_big)
         return answer_error(r, c, MHD_HTTP_CONTENT_TOO_LARGE, "request body too large", NULL,
                             NULL);
-    rc = cis_batch_decode(r->body, r->len, &h->limits, &dec, why, sizeof why);
-    if (rc == 0)
-        rc = recv_batch_check(&dec, why, sizeof why);
-    if (rc) {
-        cis_debug("[http] batch rejected (%s): %s", r->cn[0] ? r->cn : "-", why);
-        ret = answer_error(r, c,
-                           rc == CIS_ETOOBIG ? MHD_HTTP_CONTENT_TOO_LARGE : MHD_HTTP_BAD_REQUEST,
-                           why[0] ? why : cis_strerror(rc), NULL, NULL);
-        goto out;
-    }
-    if (r->l->tls && strcmp(r->cn, dec.pb->header->agent_id) != 0) {
-        snprintf(msg, sizeof msg, "certificate CN '%s' may not send for agent '%s'", r->cn,
-                 dec.pb->header->agent_id);
-        cis_debug("[http] batch rejected: %s", msg);
-        ret = answer_error(r, c, MHD_HTTP_FORBIDDEN, msg, NULL, NULL);
-        goto out;
-    }
-    rc = h->ops->put_batch(h->st, &dec, cis_wall_ms(), &res);
-    if (rc) {
+    switch (recv_ingest_batch(&h->ingest, r->body, r->len, r->l->tls ? r->cn : NULL, &res, why,
+                              sizeof why)) {
+    case RECV_INGEST_OK:
+        cis_debug("[http] batch from %s epoch %" PRIu64 ": %" PRIu64 " accepted, %" PRIu64
+                  " duplicates",
+                  res.agent_id, res.epoch, res.accepted, res.duplicates);
+        ret = answer(r, c, MHD_HTTP_OK, &res.answer, NULL, NULL);
+        break;
+    case RECV_INGEST_RETRY:
         /* 503: nothing was committed; the agent keeps the batch and retries. */
-        snprintf(msg, sizeof msg, "store unavailable: %s", cis_strerror(rc));
-        ret = answer_error(r, c, MHD_HTTP_SERVICE_UNAVAILABLE, msg, MHD_HTTP_HEADER_RETRY_AFTER,
+        ret = answer_error(r, c, MHD_HTTP_SERVICE_UNAVAILABLE, why, MHD_HTTP_HEADER_RETRY_AFTER,
                            "5");
-        goto out;
+        break;
+    default:
+        if (res.reject == RECV_REJECT_IDENTITY) {
+            cis_debug("[http] batch rejected: %s", why);
+            status = MHD_HTTP_FORBIDDEN;
+        } else {
+            cis_debug("[http] batch rejected (%s): %s", r->cn[0] ? r->cn : "-", why);
+            status = res.reject == RECV_REJECT_TOO_BIG ? MHD_HTTP_CONTENT_TOO_LARGE
+                                                       : MHD_HTTP_BAD_REQUEST;
+        }
+        ret = answer_error(r, c, status, why, NULL, NULL);
+        break;
     }
-    cis_debug("[http] batch from %s epoch %" PRIu64 ": %" PRIu64 " accepted, %" PRIu64
-              " duplicates",
-              dec.pb->header->agent_id, dec.pb->header->epoch, res.accepted, res.duplicates);
-    recv_api_ingest_answer(&dec, &res, &b);
-    ret = answer(r, c, MHD_HTTP_OK, &b, NULL, NULL);
-out:
-    cis_batch_free(&dec);
+    recv_ingest_result_free(&res);
     free(r->body);
     r->body = NULL;
     r->len = r->cap = 0;
@@ -631,8 +624,14 @@ int recv_http_start(const struct recv_config *cfg, const struct recv_store_ops *
     h->ops = ops;
     h->st = st;
     h->max_body = cfg->max_body;
-    h->limits.max_decompressed = (size_t)cfg->max_decompressed;
-    h->limits.max_records = (size_t)cfg->max_records;
+    h->ingest = (struct recv_ingest_ctx){
+        .ops = ops,
+        .st = st,
+        .max_body = cfg->max_body,
+        .limits = {.max_decompressed = (size_t)cfg->max_decompressed,
+                   .max_records = (size_t)cfg->max_records},
+        .identity_name = "certificate CN",
+    };
     h->main = (struct listener){.h = h, .fd = -1, .ingest = 1, .tls = !cfg->insecure_plain_http};
     h->api = (struct listener){.h = h, .fd = -1};
 
