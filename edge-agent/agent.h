@@ -35,6 +35,18 @@ typedef void (*agent_ack_cb)(void *ctx, uint64_t token, int status, uint64_t seq
 int agent_ingest_submit(struct agent *a, const struct agent_input_cfg *src, const uint8_t *payload,
                         size_t len, agent_ack_cb ack, void *ctx, uint64_t token);
 
+/* Commit what is queued at the next loop turn instead of waiting for commit_interval: for a
+ * source that cannot send more until it has its answer (the mqtt input). Loop thread only,
+ * like every agent_* call: other threads (Paho's) hand work over through a pipe they
+ * watch with agent_loop_watch(). */
+void agent_ingest_commit_soon(struct agent *a);
+
+/* The same, with the record's stream given (e.g. the MQTT topic it came on) instead of the
+ * input's name. STREAM is copied. */
+int agent_ingest_submit_stream(struct agent *a, const struct agent_input_cfg *src,
+                               const char *stream, const uint8_t *payload, size_t len,
+                               agent_ack_cb ack, void *ctx, uint64_t token);
+
 /* True while the ingest queue is over its bound: inputs stop reading until it drains. */
 int agent_ingest_full(const struct agent *a);
 
@@ -63,6 +75,9 @@ struct agent_input_ops {
 
 extern const struct agent_input_ops agent_input_socket;
 extern const struct agent_input_ops agent_input_demo;
+/* Subscribes on a local broker; a message is acknowledged (PUBACK) only after its record's
+ * spool commit. */
+extern const struct agent_input_ops agent_input_mqtt;
 
 /* ---- transports ---- */
 
@@ -91,6 +106,9 @@ struct agent_transport_ops {
 };
 
 extern const struct agent_transport_ops agent_transport_https;
+/* MQTT v5 through a broker: result on the receiver's end-to-end ack (or PUBACK with
+ * forward.mqtt.ack: broker). */
+extern const struct agent_transport_ops agent_transport_mqtt;
 
 /* ---- forwarder ---- */
 

@@ -8,11 +8,13 @@
 #include "cistern/err.h"
 
 static const char *const log_levels[] = {"debug", "info", "warn", "error", NULL};
-static const char *const input_types[] = {"socket", "demo", NULL};
+static const char *const input_types[] = {"socket", "demo", "mqtt", NULL};
 static const char *const priorities[] = {"high", "normal", "low", NULL};
 static const char *const syncs[] = {"normal", "full", NULL};
 static const char *const when_fulls[] = {"drop_oldest", "reject_new", NULL};
-static const char *const transports[] = {"https", NULL};
+static const char *const transports[] = {"https", "mqtt", NULL};
+static const char *const mqtt_acks[] = {"end-to-end", "broker", NULL};
+static const char *const input_acks[] = {"after_commit", "on_arrival", NULL};
 
 #define IN(f) offsetof(struct agent_input_cfg, f)
 #define AC(f) offsetof(struct agent_config, f)
@@ -28,6 +30,27 @@ static int input_check(void *obj, struct cis_cfg_report *r)
         cis_cfg_report_error(r, in->path ? "path" : "listen", "only a socket input takes this key");
         return 1;
     }
+    if (in->type == AGENT_INPUT_MQTT) {
+        if (!in->url || in->topics.n == 0) {
+            cis_cfg_report_error(r, in->url ? "topics" : "url",
+                                 "an mqtt input needs url (e.g. tcp://127.0.0.1:1883) and topics");
+            return 1;
+        }
+        if (strncmp(in->url, "tcp://", 6) != 0 && strncmp(in->url, "ssl://", 6) != 0 &&
+            strncmp(in->url, "mqtt://", 7) != 0 && strncmp(in->url, "mqtts://", 8) != 0) {
+            cis_cfg_report_error(r, "url", "\"%s\" is not tcp://, mqtt://, ssl:// or mqtts://",
+                                 in->url);
+            return 1;
+        }
+        if ((in->cert_file == NULL) != (in->key_file == NULL)) {
+            cis_cfg_report_error(r, in->cert_file ? "key_file" : "cert_file",
+                                 "cert_file and key_file go together");
+            return 1;
+        }
+    } else if (in->url || in->topics.n) {
+        cis_cfg_report_error(r, in->url ? "url" : "topics", "only an mqtt input takes this key");
+        return 1;
+    }
     if (in->type == AGENT_INPUT_DEMO && in->rate <= 0) {
         cis_cfg_report_error(r, "rate", "a demo input needs a rate above 0");
         return 1;
@@ -39,7 +62,7 @@ static const struct cis_cfg_key input_keys[] = {
     {.path = "name", .type = CIS_CFG_STRING, .offset = IN(name), .required = 1,
      .help = "name of this input; the stream of its records"},
     {.path = "type", .type = CIS_CFG_ENUM, .offset = IN(type), .required = 1,
-     .enum_values = input_types, .help = "socket | demo"},
+     .enum_values = input_types, .help = "socket | demo | mqtt"},
     {.path = "priority", .type = CIS_CFG_ENUM, .offset = IN(priority), .def = "normal",
      .enum_values = priorities, .help = "high | normal | low: high goes out first"},
     {.path = "ttl", .type = CIS_CFG_DURATION, .offset = IN(ttl_ms), .def = "0", .min = 0,
@@ -51,11 +74,38 @@ static const struct cis_cfg_key input_keys[] = {
     {.path = "listen", .type = CIS_CFG_STRING, .offset = IN(listen),
      .help = "socket: TCP listener host:port"},
     {.path = "max_line", .type = CIS_CFG_SIZE, .offset = IN(max_line), .def = "64KiB",
-     .min = 16, .max = 64 << 20, .help = "socket: longest line accepted"},
+     .min = 16, .max = 64 << 20,
+     .help = "socket: longest line accepted; mqtt: largest payload stored (larger: acknowledged, refused)"},
     {.path = "rate", .type = CIS_CFG_INT, .offset = IN(rate), .def = "10", .min = 0,
      .max = 1000000, .help = "demo: records per second"},
     {.path = "sensors", .type = CIS_CFG_INT, .offset = IN(sensors), .def = "4", .min = 1,
      .max = 100000, .help = "demo: distinct sensor ids"},
+    {.path = "url", .type = CIS_CFG_STRING, .offset = IN(url),
+     .help = "mqtt: the local broker, tcp://127.0.0.1:1883 (ssl:// with TLS)"},
+    {.path = "topics", .type = CIS_CFG_LIST, .offset = IN(topics),
+     .help = "mqtt: topic filters to subscribe to, e.g. [\"sensors/#\"]"},
+    {.path = "qos", .type = CIS_CFG_INT, .offset = IN(qos), .def = "1", .min = 0, .max = 1,
+     .help = "mqtt: subscription QoS (1: the broker keeps messages for us while we are away)"},
+    {.path = "client_id", .type = CIS_CFG_STRING, .offset = IN(client_id),
+     .help = "mqtt: client id of the persistent session (default <agent.id>-<name>)"},
+    {.path = "username", .type = CIS_CFG_STRING, .offset = IN(username),
+     .help = "mqtt: user name (optional)"},
+    {.path = "password", .type = CIS_CFG_STRING, .offset = IN(password),
+     .help = "mqtt: password (optional), e.g. ${MQTT_PASSWORD}"},
+    {.path = "ca_file", .type = CIS_CFG_STRING, .offset = IN(ca_file),
+     .help = "mqtt over ssl://: CA of the broker's certificate"},
+    {.path = "cert_file", .type = CIS_CFG_STRING, .offset = IN(cert_file),
+     .help = "mqtt over ssl://: client certificate"},
+    {.path = "key_file", .type = CIS_CFG_STRING, .offset = IN(key_file),
+     .help = "mqtt over ssl://: client key"},
+    {.path = "ack", .type = CIS_CFG_ENUM, .offset = IN(ack), .def = "after_commit",
+     .enum_values = input_acks,
+     .help = "mqtt: after_commit (PUBACK once the record is committed: no loss window, one commit "
+             "per message) | on_arrival (PUBACK on arrival, group commits: a crash loses at most "
+             "one commit_interval of messages)"},
+    {.path = "session_expiry", .type = CIS_CFG_DURATION, .offset = IN(session_expiry_ms),
+     .def = "7d", .min = 1000, .max = 4294967LL * 1000,
+     .help = "mqtt: how long the broker keeps our session and queued messages while we are away"},
     {0},
 };
 
@@ -79,8 +129,15 @@ static int agent_check(void *obj, struct cis_cfg_report *r)
             }
         }
     }
-    if (strncmp(c->url, "https://", 8) != 0) {
+    if (c->transport == AGENT_TRANSPORT_HTTPS && strncmp(c->url, "https://", 8) != 0) {
         cis_cfg_report_error(r, "forward.url", "\"%s\" is not an https:// URL", c->url);
+        return 1;
+    }
+    if (c->transport == AGENT_TRANSPORT_MQTT && strncmp(c->url, "ssl://", 6) != 0 &&
+        strncmp(c->url, "mqtts://", 8) != 0) {
+        cis_cfg_report_error(r, "forward.url",
+                             "\"%s\": the mqtt transport needs TLS: ssl://host:8883 or mqtts://",
+                             c->url);
         return 1;
     }
     if ((c->cert_file == NULL) != (c->key_file == NULL)) {
@@ -91,6 +148,21 @@ static int agent_check(void *obj, struct cis_cfg_report *r)
     if (c->wal_max_size > c->spool_max_size / 2) {
         /* The WAL counts against max_size; checkpoints keep it far below its cap. */
         c->wal_max_size = c->spool_max_size / 2;
+    }
+    for (size_t i = 0; i < c->inputs.n; i++) {
+        const struct agent_input_cfg *in = agent_config_input(c, i);
+        if (in->type == AGENT_INPUT_MQTT && in->ack == AGENT_INPUT_ACK_AFTER_COMMIT &&
+            c->transport == AGENT_TRANSPORT_MQTT) {
+            char p[64];
+            snprintf(p, sizeof(p), "inputs[%zu].ack", i);
+            /* Paho runs every client of a process under one lock: a callback held until the
+             * commit would stall the MQTT transport's publishes. */
+            cis_cfg_report_error(r, p,
+                                 "after_commit cannot be combined with forward.transport: mqtt "
+                                 "(one Paho lock per process); set ack: on_arrival and accept its "
+                                 "loss window, or forward over https");
+            return 1;
+        }
     }
     if (c->retry_max_ms < c->retry_initial_ms) {
         cis_cfg_report_error(r, "forward.retry.max", "must not be less than forward.retry.initial");
@@ -136,9 +208,9 @@ static const struct cis_cfg_key agent_keys[] = {
     {.path = "inputs", .type = CIS_CFG_MAPLIST, .offset = AC(inputs), .sub = &input_schema,
      .item_size = sizeof(struct agent_input_cfg), .help = "where records come from"},
     {.path = "forward.transport", .type = CIS_CFG_ENUM, .offset = AC(transport), .def = "https",
-     .enum_values = transports, .help = "https"},
+     .enum_values = transports, .help = "https | mqtt"},
     {.path = "forward.url", .type = CIS_CFG_STRING, .offset = AC(url), .required = 1,
-     .help = "receiver ingest URL, https://host:port/v1/batches"},
+     .help = "https: the receiver, https://host:port/v1/batches; mqtt: the broker, ssl://host:8883"},
     {.path = "forward.tls.ca_file", .type = CIS_CFG_STRING, .offset = AC(ca_file),
      .help = "CA bundle for the receiver's certificate (default: the system's)"},
     {.path = "forward.tls.cert_file", .type = CIS_CFG_STRING, .offset = AC(cert_file),
@@ -156,7 +228,8 @@ static const struct cis_cfg_key agent_keys[] = {
     {.path = "forward.in_flight", .type = CIS_CFG_INT, .offset = AC(in_flight), .def = "4",
      .min = 1, .max = 64, .help = "batches sent concurrently"},
     {.path = "forward.timeout", .type = CIS_CFG_DURATION, .offset = AC(timeout_ms), .def = "30s",
-     .min = 100, .max = 3600000, .help = "one request, connect to answer"},
+     .min = 100, .max = 3600000,
+     .help = "https: one request, connect to answer; mqtt: publish to the receiver's ack, else re-sent"},
     {.path = "forward.retry.initial", .type = CIS_CFG_DURATION, .offset = AC(retry_initial_ms),
      .def = "1s", .min = 1, .max = 3600000, .help = "first retry delay"},
     {.path = "forward.retry.max", .type = CIS_CFG_DURATION, .offset = AC(retry_max_ms),
@@ -166,6 +239,22 @@ static const struct cis_cfg_key agent_keys[] = {
      .help = "longest delay between connection attempts while the receiver is unreachable"},
     {.path = "forward.shutdown_timeout", .type = CIS_CFG_DURATION, .offset = AC(shutdown_timeout_ms),
      .def = "5s", .min = 0, .max = 600000, .help = "on SIGTERM, keep delivering this long while the receiver takes batches"},
+    {.path = "forward.mqtt.topic_prefix", .type = CIS_CFG_STRING, .offset = AC(mqtt_topic_prefix),
+     .def = "cistern/v1", .help = "batches go to <prefix>/<agent.id>/batch, acks come on <prefix>/<agent.id>/ack"},
+    {.path = "forward.mqtt.ack", .type = CIS_CFG_ENUM, .offset = AC(mqtt_ack), .def = "end-to-end",
+     .enum_values = mqtt_acks,
+     .help = "end-to-end: delete on the receiver's ack after its commit | broker: on PUBACK (weaker)"},
+    {.path = "forward.mqtt.client_id", .type = CIS_CFG_STRING, .offset = AC(mqtt_client_id),
+     .help = "client id of the persistent session (default agent.id)"},
+    {.path = "forward.mqtt.username", .type = CIS_CFG_STRING, .offset = AC(mqtt_username),
+     .help = "user name (optional; with mTLS the broker may take the certificate's CN)"},
+    {.path = "forward.mqtt.password", .type = CIS_CFG_STRING, .offset = AC(mqtt_password),
+     .help = "password (optional), e.g. ${CISTERN_MQTT_PASSWORD}"},
+    {.path = "forward.mqtt.keepalive", .type = CIS_CFG_DURATION, .offset = AC(mqtt_keepalive_ms),
+     .def = "30s", .min = 1000, .max = 65535000, .help = "MQTT keep-alive"},
+    {.path = "forward.mqtt.session_expiry", .type = CIS_CFG_DURATION,
+     .offset = AC(mqtt_session_expiry_ms), .def = "7d", .min = 1000, .max = 4294967LL * 1000,
+     .help = "how long the broker keeps our session (and acks for us) while we are away"},
     {0},
 };
 

@@ -6,7 +6,10 @@
 
 #include "cistern/config.h"
 
-enum agent_input_type { AGENT_INPUT_SOCKET = 0, AGENT_INPUT_DEMO = 1 };
+enum agent_input_type { AGENT_INPUT_SOCKET = 0, AGENT_INPUT_DEMO = 1, AGENT_INPUT_MQTT = 2 };
+enum agent_transport { AGENT_TRANSPORT_HTTPS = 0, AGENT_TRANSPORT_MQTT = 1 };
+enum agent_mqtt_ack { AGENT_MQTT_ACK_END_TO_END = 0, AGENT_MQTT_ACK_BROKER = 1 };
+enum agent_input_ack { AGENT_INPUT_ACK_AFTER_COMMIT = 0, AGENT_INPUT_ACK_ON_ARRIVAL = 1 };
 enum agent_sync { AGENT_SYNC_NORMAL = 0, AGENT_SYNC_FULL = 1 };
 enum agent_when_full { AGENT_WHEN_FULL_DROP_OLDEST = 0, AGENT_WHEN_FULL_REJECT_NEW = 1 };
 
@@ -23,6 +26,16 @@ struct agent_input_cfg {
     /* demo */
     int64_t rate;
     int64_t sensors;
+    /* mqtt: a local broker */
+    char *url;                /* tcp://127.0.0.1:1883, or ssl://... */
+    struct cis_strlist topics; /* topic filters */
+    int64_t qos;              /* 0 or 1 */
+    char *client_id;          /* NULL: "<agent.id>-<name>" */
+    char *username;
+    char *password;
+    char *ca_file, *cert_file, *key_file; /* for ssl:// */
+    int64_t session_expiry_ms;
+    int ack; /* enum agent_input_ack: when the broker gets its PUBACK */
 };
 
 struct agent_config {
@@ -44,8 +57,8 @@ struct agent_config {
 
     struct cis_maplist inputs; /* struct agent_input_cfg items */
 
-    int transport;
-    char *url;
+    int transport; /* enum agent_transport */
+    char *url;     /* https://host:port/path, or for mqtt ssl://host:port (mqtts:// too) */
     char *ca_file;
     char *cert_file;
     char *key_file;
@@ -59,6 +72,15 @@ struct agent_config {
     int64_t retry_max_ms;
     int64_t retry_unreachable_max_ms;
     int64_t shutdown_timeout_ms;
+
+    /* forward.mqtt */
+    char *mqtt_topic_prefix;
+    int mqtt_ack; /* enum agent_mqtt_ack */
+    char *mqtt_client_id; /* NULL: agent.id */
+    char *mqtt_username;
+    char *mqtt_password;
+    int64_t mqtt_keepalive_ms;
+    int64_t mqtt_session_expiry_ms;
 };
 
 extern const struct cis_cfg_schema agent_config_schema;

@@ -192,7 +192,8 @@ int agent_forwarder_create(struct agent *a, const struct agent_config *cfg,
     f->a = a;
     f->cfg = cfg;
     f->spool = spool;
-    f->tops = &agent_transport_https;
+    f->tops = cfg->transport == AGENT_TRANSPORT_MQTT ? &agent_transport_mqtt
+                                                     : &agent_transport_https;
     f->nslots = (size_t)cfg->in_flight;
     f->slots = calloc(f->nslots, sizeof(*f->slots));
     if (!f->slots) {

@@ -29,6 +29,7 @@ struct watch {
 
 struct ingest_rec {
     size_t off, len; /* payload in the arena */
+    int has_stream;  /* the stream name follows the payload in the arena; else src->name */
     const struct agent_input_cfg *src;
     int64_t ts_ms;
     agent_ack_cb ack;
@@ -60,6 +61,7 @@ struct agent {
     struct agent_seal *seal;
     int spool_corrupt;      /* a spool call said CIS_ECORRUPT: recover at the next turn */
     int64_t next_expire;    /* monotonic: next TTL sweep */
+    int commit_soon;        /* a source waits for its answer before it sends more */
     int64_t started_wall_ms;
     struct agent_control *control;
 };
@@ -164,9 +166,13 @@ static void loop_once(struct agent *a, int timeout_ms)
 
 /* ---- ingest queue and group commit ---- */
 
-int agent_ingest_submit(struct agent *a, const struct agent_input_cfg *src, const uint8_t *payload,
-                        size_t len, agent_ack_cb ack, void *ctx, uint64_t token)
+int agent_ingest_submit_stream(struct agent *a, const struct agent_input_cfg *src,
+                               const char *stream, const uint8_t *payload, size_t len,
+                               agent_ack_cb ack, void *ctx, uint64_t token)
 {
+    /* The stream name is kept NUL-terminated in the arena, after the payload. */
+    size_t slen = stream ? strlen(stream) + 1 : 0;
+    size_t need = len + slen;
     if (a->nrecs == a->caprecs) {
         size_t cap = a->caprecs ? a->caprecs * 2 : 1024;
         struct ingest_rec *r = realloc(a->recs, cap * sizeof(*r));
@@ -175,10 +181,10 @@ int agent_ingest_submit(struct agent *a, const struct agent_input_cfg *src, cons
         a->recs = r;
         a->caprecs = cap;
     }
-    if (a->arena_len + len > a->arena_cap) {
+    if (a->arena_len + need > a->arena_cap) {
         size_t cap = a->arena_cap ? a->arena_cap : 65536;
         uint8_t *p;
-        while (cap < a->arena_len + len)
+        while (cap < a->arena_len + need)
             cap *= 2;
         p = realloc(a->arena, cap);
         if (!p)
@@ -187,14 +193,23 @@ int agent_ingest_submit(struct agent *a, const struct agent_input_cfg *src, cons
         a->arena_cap = cap;
     }
     memcpy(a->arena + a->arena_len, payload, len);
+    if (slen)
+        memcpy(a->arena + a->arena_len + len, stream, slen);
     if (a->nrecs == 0)
         a->oldest_mono = cis_mono_ms();
     a->recs[a->nrecs++] = (struct ingest_rec){.off = a->arena_len, .len = len, .src = src,
+                                              .has_stream = slen != 0,
                                               .ts_ms = cis_wall_ms(), .ack = ack, .ctx = ctx,
                                               .token = token};
-    a->arena_len += len;
+    a->arena_len += need;
     a->counters.produced++;
     return 0;
+}
+
+int agent_ingest_submit(struct agent *a, const struct agent_input_cfg *src, const uint8_t *payload,
+                        size_t len, agent_ack_cb ack, void *ctx, uint64_t token)
+{
+    return agent_ingest_submit_stream(a, src, NULL, payload, len, ack, ctx, token);
 }
 
 int agent_ingest_full(const struct agent *a)
@@ -203,9 +218,14 @@ int agent_ingest_full(const struct agent *a)
            a->arena_len >= 2 * a->cfg.commit_max_bytes;
 }
 
+void agent_ingest_commit_soon(struct agent *a)
+{
+    a->commit_soon = 1;
+}
+
 static int commit_due(const struct agent *a, int64_t now)
 {
-    return a->nrecs && (a->nrecs >= (size_t)a->cfg.commit_max_records ||
+    return a->nrecs && (a->commit_soon || a->nrecs >= (size_t)a->cfg.commit_max_records ||
                         a->arena_len >= a->cfg.commit_max_bytes ||
                         now - a->oldest_mono >= a->cfg.commit_interval_ms);
 }
@@ -223,7 +243,10 @@ static void ingest_commit(struct agent *a)
     if (recs && prio && ttl) {
         for (size_t i = 0; i < n; i++) {
             recs[i] = (struct cis_record){.ts_ms = a->recs[i].ts_ms,
-                                          .stream = a->recs[i].src->name,
+                                          .stream = a->recs[i].has_stream
+                                                        ? (const char *)a->arena + a->recs[i].off +
+                                                              a->recs[i].len
+                                                        : a->recs[i].src->name,
                                           .content_type = a->recs[i].src->content_type,
                                           .payload = a->arena + a->recs[i].off,
                                           .payload_len = a->recs[i].len};
@@ -262,6 +285,7 @@ static void ingest_commit(struct agent *a)
             a->recs[i].ack(a->recs[i].ctx, a->recs[i].token, rc, rc == 0 ? recs[i].seq : 0);
     a->nrecs = 0;
     a->arena_len = 0;
+    a->commit_soon = 0;
     free(recs);
     free(prio);
     free(ttl);
@@ -351,7 +375,9 @@ static int start_inputs(struct agent *a)
         struct agent_input *in = &a->inputs[i];
         in->cfg = agent_config_input(&a->cfg, i);
         in->agent = a;
-        in->ops = in->cfg->type == AGENT_INPUT_DEMO ? &agent_input_demo : &agent_input_socket;
+        in->ops = in->cfg->type == AGENT_INPUT_DEMO   ? &agent_input_demo
+                  : in->cfg->type == AGENT_INPUT_MQTT ? &agent_input_mqtt
+                                                      : &agent_input_socket;
         int rc = in->ops->start(in);
         if (rc)
             return rc;
