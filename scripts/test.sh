@@ -8,4 +8,4 @@ build=${BUILD_DIR:-build}
 cmake -S . -B "$build" -DCISTERN_WERROR=ON "$@"
 cmake --build "$build" -j"$(nproc)"
 cd "$build"
-ctest --output-on-failure -j2
+ctest --output-on-failure -j2 -LE soak

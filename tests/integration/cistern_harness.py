@@ -278,7 +278,9 @@ class Harness:
         self.tmp = tempfile.mkdtemp(prefix="cistern-%s-" % name, dir=base)
         self.keep = (os.environ.get("CISTERN_KEEP_TMP") == "1") if keep is None else keep
         self.procs = []
+        self.popens = []  # helper processes (mosquitto_sub spies...): killed at cleanup
         self._pki = False
+        self._clients = {}  # CN -> (cert, key)
         atexit.register(self.cleanup)
 
     def path(self, *parts):
@@ -339,17 +341,22 @@ class Harness:
         return crt, key
 
     def client_cert(self, cn):
-        """(cert, key) for a client certificate with this CN, signed by the test CA."""
+        """(cert, key) for a client certificate with this CN, signed by the test CA. Made
+        once per CN: rewriting the files under a client that is reading them would break
+        its handshake."""
         self.make_pki()
-        safe = re.sub(r"[^A-Za-z0-9_.-]", "_", cn)
-        return self._leaf("client-" + safe, cn, "client")
+        if cn not in self._clients:
+            safe = re.sub(r"[^A-Za-z0-9_.-]", "_", cn)
+            self._clients[cn] = self._leaf("client-" + safe, cn, "client")
+        return self._clients[cn]
 
     # -- processes ------------------------------------------------------------------
-    def add_proc(self, name, argv):
+    def add_proc(self, name, argv, wrapper=None):
         # CISTERN_TEST_WRAPPER runs the binaries under a tool, e.g.
-        # "valgrind --leak-check=full --errors-for-leak-kinds=definite --error-exitcode=99"
-        wrap = os.environ.get("CISTERN_TEST_WRAPPER", "").split()
-        p = Proc(name, wrap + list(argv), self.path(name + ".log"))
+        # "valgrind --leak-check=full --errors-for-leak-kinds=definite --error-exitcode=99".
+        # wrapper (a list) replaces it for this one process; [] runs it bare.
+        wrap = os.environ.get("CISTERN_TEST_WRAPPER", "").split() if wrapper is None else wrapper
+        p = Proc(name, list(wrap) + list(argv), self.path(name + ".log"))
         self.procs.append(p)
         return p
 
@@ -371,6 +378,13 @@ class Harness:
                 p.kill9()
             except Exception:
                 pass
+        for p in self.popens:
+            try:
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
+            except Exception:
+                pass
         if self.tmp and os.path.isdir(self.tmp):
             if self.keep:
                 log("keeping temp dir %s" % self.tmp)
@@ -384,6 +398,9 @@ class Harness:
 
     def agent(self, name, agent_id, receiver, **kw):
         return Agent(self, name, agent_id, receiver, **kw)
+
+    def mosquitto(self, name="broker", **kw):
+        return Mosquitto(self, name, **kw)
 
 
 def http_get_json(url, timeout=10.0):
@@ -400,14 +417,22 @@ def ro_connect(path):
 
 
 class Receiver:
+    """mqtt: a Mosquitto; the receiver then also ingests from it (top-level `mqtt:` section)
+    with a client certificate whose CN is mqtt_cn (the broker's ACL knows it), client id
+    mqtt_client_id (default: the name) and shared-subscription group mqtt_group (default:
+    the receiver's own default). db_path lets several receivers share one store."""
+
     def __init__(self, h, name="receiver", limits=None, extra=None, log_level="info", port=None,
-                 api_port=None):
+                 api_port=None, mqtt=None, mqtt_cn="receiver-1", mqtt_client_id=None,
+                 mqtt_group=None, db_path=None, wrapper=None):
         self.h = h
         self.name = name
         h.make_pki()
         self.port = port or free_port()
         self.api_port = api_port or free_port()
-        self.db_path = h.path(name + "-store.db")
+        self.db_path = db_path or h.path(name + "-store.db")
+        self.mqtt = mqtt
+        self.mqtt_client_id = mqtt_client_id or name
         cfg = {
             "log": {"level": log_level},
             "listen": {
@@ -421,6 +446,15 @@ class Receiver:
                                   "max_records": 100000, "max_connections": 64,
                                   "connection_timeout": "30s"}, limits or {}),
         }
+        if mqtt is not None:
+            cert, key = h.client_cert(mqtt_cn)
+            m = {"url": mqtt.url, "client_id": self.mqtt_client_id,
+                 "tls": {"ca_file": h.ca_cert, "cert_file": cert, "key_file": key}}
+            if mqtt_group:
+                m["group"] = mqtt_group
+            if mqtt.topic_prefix != "cistern/v1":
+                m["topic_prefix"] = mqtt.topic_prefix
+            cfg["mqtt"] = m
         cfg = deep_merge(cfg, extra)
         self.config = cfg
         self.config_path = h.path(name + ".yaml")
@@ -428,7 +462,7 @@ class Receiver:
             f.write("# written by cistern_harness\n" + to_yaml(cfg) + "\n")
         self.url = "https://127.0.0.1:%d/v1/batches" % self.port
         self.api = "http://127.0.0.1:%d" % self.api_port
-        self.proc = h.add_proc(name, [h.receiver_bin, "--config", self.config_path])
+        self.proc = h.add_proc(name, [h.receiver_bin, "--config", self.config_path], wrapper)
 
     def start(self, wait=True):
         self.proc.start()
@@ -440,6 +474,11 @@ class Receiver:
         def ok():
             return http_get_json(self.api + "/healthz", timeout=2).get("status") == "ok"
         self.h.wait(ok, timeout, "%s /healthz on %s" % (self.name, self.api))
+
+    def wait_subscribed(self, since=0, timeout=None):
+        """Wait until the broker's log shows this receiver's SUBSCRIBE (after log offset since)."""
+        check(self.mqtt is not None, "%s has no mqtt ingest" % self.name)
+        self.mqtt.wait_subscribed(self.mqtt_client_id, since=since, timeout=timeout)
 
     def stop(self, sig=signal.SIGTERM):
         return self.proc.stop(sig)
@@ -502,10 +541,15 @@ class Receiver:
 
 
 class Agent:
+    """mqtt: a Mosquitto to forward through (forward.transport mqtt, ssl:// to its TLS
+    listener, with the agent's client certificate, CN = cn or agent_id); receiver is then
+    only informative and may be None."""
+
     def __init__(self, h, name, agent_id, receiver, cn=None, inputs=None, unix_socket=True,
                  tcp=True, max_line="64KiB", extra=None, log_level="info", url=None,
-                 spool_path=None):
+                 spool_path=None, mqtt=None, wrapper=None):
         self.h = h
+        self.mqtt = mqtt
         self.name = name
         self.agent_id = agent_id
         self.receiver = receiver
@@ -531,7 +575,7 @@ class Agent:
             "inputs": inputs,
             "forward": {
                 "transport": "https",
-                "url": url or receiver.url,
+                "url": url or (mqtt.url if mqtt is not None else receiver.url),
                 "tls": {"ca_file": h.ca_cert, "cert_file": self.cert, "key_file": self.key},
                 "batch": {"max_records": 5000, "max_bytes": "1MiB", "max_delay": "200ms"},
                 "in_flight": 4,
@@ -540,12 +584,20 @@ class Agent:
                 "shutdown_timeout": "5s",
             },
         }
+        if mqtt is not None:
+            cfg["forward"]["transport"] = "mqtt"
+            cfg["forward"]["retry"]["unreachable_max"] = "1s"
+            # the documented default, spelled out: the tests find the agent in the broker's log
+            cfg["forward"]["mqtt"] = {"client_id": agent_id}
+            if mqtt.topic_prefix != "cistern/v1":
+                cfg["forward"]["mqtt"]["topic_prefix"] = mqtt.topic_prefix
         cfg = deep_merge(cfg, extra)
+        self.mqtt_client_id = cfg["forward"].get("mqtt", {}).get("client_id", agent_id)
         self.config = cfg
         self.config_path = h.path(name + ".yaml")
         with open(self.config_path, "w") as f:
             f.write("# written by cistern_harness\n" + to_yaml(cfg) + "\n")
-        self.proc = h.add_proc(name, [h.agent_bin, "--config", self.config_path])
+        self.proc = h.add_proc(name, [h.agent_bin, "--config", self.config_path], wrapper)
 
     def start(self, wait=True):
         # a stale socket file from a kill -9 must not make us think the agent is up
@@ -640,6 +692,201 @@ class Agent:
     def stats_lines(self):
         return re.findall(r"\[stats\] produced=(\d+) spooled=(\d+) delivered=(\d+) pending=(\d+)"
                           r" rejected=(\d+)", self.proc.log_text())
+
+
+# ---------------------------------------------------------------------------------------
+# MQTT broker (mosquitto) and its stock clients
+
+MOSQUITTO_BIN = os.environ.get("CISTERN_MOSQUITTO", "/usr/sbin/mosquitto")
+MOSQUITTO_PUB = shutil.which("mosquitto_pub") or "/usr/bin/mosquitto_pub"
+MOSQUITTO_SUB = shutil.which("mosquitto_sub") or "/usr/bin/mosquitto_sub"
+
+
+def mosquitto_missing():
+    """None when the broker and its clients are installed, else what is missing."""
+    missing = [p for p in (MOSQUITTO_BIN, MOSQUITTO_PUB, MOSQUITTO_SUB)
+               if not (os.path.isfile(p) and os.access(p, os.X_OK))]
+    return ", ".join(missing) or None
+
+
+def port_listening(port, host="127.0.0.1"):
+    try:
+        socket.create_connection((host, port), timeout=2).close()
+        return True
+    except OSError:
+        return False
+
+
+class Mosquitto:
+    """A mosquitto broker on a loopback port it picks; config, ACL, persistence and log in
+    the test's temp dir. It survives kill9()/start() on the same port, with its
+    persistence (sessions and queued messages as of its last save: a clean stop() saves,
+    a kill -9 does not; autosave_interval=N also saves every N seconds).
+
+    tls=True (the transport broker): one TLS listener (url ssl://127.0.0.1:port) with the
+    harness's server certificate. Every client needs a certificate from the test CA
+    (require_certificate) and its CN is its user name (use_identity_as_username). The ACL:
+      - any CN (an agent) may write only <prefix>/<CN>/batch and read only <prefix>/<CN>/ack;
+      - each CN in `receivers` reads <prefix>/+/batch (also as $share/<group>/...) and
+        writes <prefix>/+/ack;
+      - each CN in `admins` may read and write everything (the tests' spy and forger).
+    tls=False (a gateway's local broker): one plain listener on loopback
+    (url tcp://127.0.0.1:port), anonymous clients, no ACL: devices -> agent mqtt input.
+
+    The broker logs everything (log_type all) to its Proc log, which the tests read to
+    learn when a client has subscribed and which client got which PUBLISH."""
+
+    def __init__(self, h, name="broker", tls=True, topic_prefix="cistern/v1",
+                 receivers=("receiver-1", "receiver-2"), admins=("admin",), port=None,
+                 autosave_interval=None, extra_conf=""):
+        self.h = h
+        self.name = name
+        self.tls = tls
+        self.topic_prefix = topic_prefix
+        self.receivers = list(receivers)
+        self.admins = list(admins)
+        self.port = port or free_port()
+        scheme = "ssl" if tls else "tcp"
+        self.url = "%s://127.0.0.1:%d" % (scheme, self.port)
+        self.dir = h.path(name)
+        os.makedirs(self.dir, exist_ok=True)
+        self.conf_path = os.path.join(self.dir, "mosquitto.conf")
+        self.acl_path = os.path.join(self.dir, "acl")
+        if tls:
+            h.make_pki()
+        conf = [
+            "# written by cistern_harness",
+            "per_listener_settings false",
+            "persistence true",
+            "persistence_location %s/" % self.dir,
+            "persistence_file mosquitto.db",
+        ]
+        if autosave_interval is not None:
+            # also save every N seconds, so a kill -9 restarts from a slightly stale state
+            conf.append("autosave_interval %d" % autosave_interval)
+        conf += [
+            # the gateway's local broker keeps everything queued for the agent's session
+            # while it is away (mosquitto's default would drop past 1000 messages)
+            "max_queued_messages 1000000",
+            # the Proc log (mosquitto flushes its log file per line, not stdout)
+            "log_dest file %s" % h.path(name + ".log"),
+            "log_type all",
+            "connection_messages true",
+            "log_timestamp true",
+        ]
+        if os.geteuid() == 0:
+            conf.append("user root")  # else mosquitto drops to 'mosquitto', who can't read our keys
+        conf.append("listener %d 127.0.0.1" % self.port)
+        if tls:
+            conf += [
+                "cafile %s" % h.ca_cert,
+                "certfile %s" % h.server_cert,
+                "keyfile %s" % h.server_key,
+                "require_certificate true",
+                "use_identity_as_username true",
+                "allow_anonymous false",
+                "acl_file %s" % self.acl_path,
+            ]
+            acl = ["# each agent (user name = certificate CN) only under its own id",
+                   "pattern write %s/%%u/batch" % topic_prefix,
+                   "pattern read %s/%%u/ack" % topic_prefix, ""]
+            # (mosquitto checks a $share/<group>/<filter> subscription against <filter>)
+            for r in self.receivers:
+                acl += ["user %s" % r,
+                        "topic read %s/+/batch" % topic_prefix,
+                        "topic write %s/+/ack" % topic_prefix, ""]
+            for a in self.admins:
+                acl += ["user %s" % a, "topic readwrite #", ""]
+            with open(self.acl_path, "w") as f:
+                f.write("\n".join(acl) + "\n")
+        else:
+            conf.append("allow_anonymous true")
+        if extra_conf:
+            conf.append(extra_conf)
+        with open(self.conf_path, "w") as f:
+            f.write("\n".join(conf) + "\n")
+        # not under CISTERN_TEST_WRAPPER: the broker is not the code under test
+        self.proc = h.add_proc(name, [MOSQUITTO_BIN, "-c", self.conf_path], wrapper=[])
+
+    # -- lifecycle ------------------------------------------------------------------
+    def start(self, wait=True):
+        self.proc.start()
+        if wait:
+            self.wait_listening()
+        return self
+
+    def wait_listening(self, timeout=None):
+        self.h.wait(lambda: port_listening(self.port), timeout,
+                    "%s to listen on port %d" % (self.name, self.port))
+
+    def kill9(self):
+        self.proc.kill9()
+
+    def stop(self, sig=signal.SIGTERM):
+        return self.proc.stop(sig)
+
+    def restart(self, kill=True, pause=0.0):
+        """kill -9 (or SIGTERM when kill=False), wait pause seconds, start on the same port
+        and wait until it listens."""
+        if kill:
+            self.kill9()
+        else:
+            self.stop()
+        if pause:
+            time.sleep(pause)
+        return self.start()
+
+    def running(self):
+        return self.proc.running()
+
+    # -- its log ----------------------------------------------------------------------
+    def log_text(self):
+        return self.proc.log_text()
+
+    def mark(self):
+        """An offset in the broker's log: pass it as `since` to look only at what follows."""
+        return len(self.log_text())
+
+    def wait_log(self, regex, since=0, timeout=None, what=None):
+        rx = re.compile(regex)
+        return self.h.wait(lambda: rx.search(self.log_text()[since:]), timeout,
+                           what or "broker log to match %r" % regex)
+
+    def wait_subscribed(self, client_id, since=0, timeout=None):
+        """Wait for the broker to have answered a SUBSCRIBE of client_id (after since)."""
+        return self.wait_log(r"Sending SUBACK to %s\b" % re.escape(client_id), since, timeout,
+                             "%s to subscribe on %s" % (client_id, self.name))
+
+    def publishes_to(self, client_id, topic_regex=".*", since=0):
+        """How many PUBLISH the broker sent to client_id on a topic matching topic_regex."""
+        rx = re.compile(r"Sending PUBLISH to %s \(d\d, q\d, r\d, m\d+, '(%s)'"
+                        % (re.escape(client_id), topic_regex))
+        return len(rx.findall(self.log_text()[since:]))
+
+    # -- the stock clients --------------------------------------------------------------
+    def client_args(self, identity="admin"):
+        """Connection arguments for mosquitto_pub/mosquitto_sub (MQTT v5). On the TLS
+        broker the client authenticates with a test-CA certificate whose CN is identity."""
+        args = ["-h", "127.0.0.1", "-p", str(self.port), "-V", "5"]
+        if self.tls:
+            cert, key = self.h.client_cert(identity)
+            args += ["--cafile", self.h.ca_cert, "--cert", cert, "--key", key]
+        return args
+
+    def pub(self, topic, args=(), identity="admin", stdin=None, timeout=120):
+        """Run mosquitto_pub -t topic ARGS; returns (exit status, output)."""
+        argv = [MOSQUITTO_PUB] + self.client_args(identity) + ["-t", topic] + list(args)
+        r = subprocess.run(argv, input=stdin, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                           timeout=timeout * SCALE)
+        return r.returncode, r.stdout.decode("utf-8", "replace")
+
+    def sub(self, topic, args=(), identity="admin", stdout=subprocess.PIPE):
+        """Start mosquitto_sub -t topic ARGS in the background; returns the Popen."""
+        argv = [MOSQUITTO_SUB] + self.client_args(identity) + ["-t", topic] + list(args)
+        p = subprocess.Popen(argv, stdout=stdout, stderr=subprocess.PIPE,
+                             stdin=subprocess.DEVNULL)
+        self.h.popens.append(p)
+        return p
 
 
 # ---------------------------------------------------------------------------------------
@@ -759,6 +1006,66 @@ class SocketClient:
             self.sock.close()
         except OSError:
             pass
+
+
+class LineProducer(threading.Thread):
+    """Feeds an agent's socket input with unique lines ("<prefix>-<n>") in chunks of `chunk`
+    every `interval` seconds, over one connection, until stop(); keeps at most
+    max_unanswered lines unanswered. stop() gives (acked, sent) as SocketClient does."""
+
+    def __init__(self, agent, prefix, chunk=50, interval=0.05, max_unanswered=2000, via="unix"):
+        super().__init__(daemon=True)
+        self.agent = agent
+        self.prefix = prefix
+        self.chunk = chunk
+        self.interval = interval
+        self.max_unanswered = max_unanswered
+        self.via = via
+        self.stop_flag = threading.Event()
+        self.client = None
+        self.error = None
+        self.n = 0
+
+    def run(self):
+        try:
+            c = self.client = self.agent.client(self.via)
+            while not self.stop_flag.is_set() and not c.eof:
+                c.send_many([("%s-%d" % (self.prefix, self.n + i)).encode()
+                             for i in range(self.chunk)])
+                self.n += self.chunk
+                while (not c.eof and not self.stop_flag.is_set()
+                       and len(c.sent) - len(c.answers) > self.max_unanswered):
+                    time.sleep(0.01)
+                time.sleep(self.interval)
+        except Exception as e:  # surfaced by stop()
+            self.error = e
+
+    def stop(self, timeout=60):
+        """Stop sending, wait for every answer, close; returns (acked, sent)."""
+        self.stop_flag.set()
+        self.join(timeout * SCALE)
+        check(not self.is_alive(), "producer %s did not stop" % self.prefix)
+        check(self.error is None, "producer %s failed: %r" % (self.prefix, self.error))
+        c = self.client
+        answers = c.wait_answers(timeout=timeout, alive=self.agent.h.check_alive)
+        bad = [a for a in answers if a[0] != "OK"]
+        check(not bad, "producer %s: %d lines not answered OK, e.g. %r"
+              % (self.prefix, len(bad), bad[:3]))
+        c.close()
+        return c.acked(), list(c.sent)
+
+
+def send_lines(agent, payloads, via="unix", timeout=120):
+    """Send payloads to the agent's socket input; every line must be answered OK.
+    Returns (acked, sent)."""
+    c = agent.client(via)
+    c.send_many(payloads)
+    answers = c.wait_answers(len(payloads), timeout=timeout, alive=agent.h.check_alive)
+    bad = [a for a in answers if a[0] != "OK"]
+    check(not bad, "%d lines not answered OK, e.g. %r" % (len(bad), bad[:3]))
+    acked, sent = c.acked(), list(c.sent)
+    c.close()
+    return acked, sent
 
 
 # ---------------------------------------------------------------------------------------
