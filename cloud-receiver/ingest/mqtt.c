@@ -551,14 +551,9 @@ static void work_free(struct work *w)
 
 /* messageArrived, on Paho's receive thread: hand the batch to our thread and return at once
  * (1: handled; Paho has already acknowledged it to the broker, the end-to-end ack is ours).
- *
- * Why not store and answer here: while this thread is busy in messageArrived it cannot notice
- * that the connection died, and a QoS 1 PUBLISH (our ack) that Paho 1.3.12 writes to a dead
- * socket leaves freed topic and payload in its in-flight list: a use-after-free when it re-sends
- * them at the next reconnect, a double free when it drops them (paho.mqtt.c issues 1621 and
- * 1622; seen here under valgrind with the broker restarted). Back in its poll, this thread
- * marks the connection down as soon as the broker goes, usually before our thread's store commit
- * ends, and Paho refuses a publish on a connection it knows is down.
+ * Storing here would keep this thread from its poll for a whole commit, and meanwhile it cannot
+ * notice that the connection died: our acks would then more often be written to a dead socket,
+ * which Paho 1.3.12 handles badly (see client_close).
  *
  * When the queue is full the batch is dropped, neither stored nor answered: its agent sends it
  * again after forward.timeout. */

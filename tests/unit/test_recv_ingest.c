@@ -141,8 +141,8 @@ static void test_ok_then_duplicate(void **state)
     assert_int_equal(res.duplicates, 0);
     assert_string_equal(res.agent_id, "gw-1");
     assert_true(res.epoch == EPOCH);
-    snprintf(want, sizeof want, "{\"accepted\":5,\"duplicates\":0,\"acked\":[[\"%" PRIu64 "\",1,5]]}",
-             EPOCH);
+    snprintf(want, sizeof want,
+             "{\"accepted\":5,\"duplicates\":0,\"acked\":[[\"%" PRIu64 "\",1,5]]}", EPOCH);
     assert_non_null(res.answer.p);
     assert_string_equal(res.answer.p, want);
     recv_ingest_result_free(&res);
@@ -156,8 +156,8 @@ static void test_ok_then_duplicate(void **state)
                      RECV_INGEST_OK);
     assert_int_equal(res.accepted, 0);
     assert_int_equal(res.duplicates, 5);
-    snprintf(want, sizeof want, "{\"accepted\":0,\"duplicates\":5,\"acked\":[[\"%" PRIu64 "\",1,5]]}",
-             EPOCH);
+    snprintf(want, sizeof want,
+             "{\"accepted\":0,\"duplicates\":5,\"acked\":[[\"%" PRIu64 "\",1,5]]}", EPOCH);
     assert_string_equal(res.answer.p, want);
     recv_ingest_result_free(&res);
     assert_int_equal(stored(f), 5);
