@@ -1,6 +1,12 @@
 /* cis_strerror: words for the CIS_E* status codes. */
 #include "cistern/err.h"
 
+#include <errno.h>
+#include <stdarg.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <sys/random.h>
+
 const char *cis_strerror(int code)
 {
     switch (code) {
@@ -20,4 +26,30 @@ const char *cis_strerror(int code)
     case CIS_ETAMPERED: return "sealed data failed authentication (tampered)";
     }
     return "unknown error";
+}
+
+void cis_set_err(char *err, size_t errlen, const char *fmt, ...)
+{
+    va_list ap;
+    if (!err || errlen == 0)
+        return;
+    va_start(ap, fmt);
+    vsnprintf(err, errlen, fmt, ap);
+    va_end(ap);
+}
+
+int cis_random_bytes(void *buf, size_t len)
+{
+    uint8_t *p = buf;
+    size_t got = 0;
+    while (got < len) {
+        ssize_t r = getrandom(p + got, len - got, 0);
+        if (r < 0) {
+            if (errno == EINTR)
+                continue;
+            return CIS_EIO;
+        }
+        got += (size_t)r;
+    }
+    return CIS_OK;
 }

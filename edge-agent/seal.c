@@ -5,11 +5,9 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <libgen.h>
-#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/random.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -29,36 +27,6 @@ static const char seal_key_id_label[] = "cistern spool key id v1";
 struct agent_seal {
     uint8_t key[AGENT_SEAL_KEY_LEN];
 };
-
-static void seal__set_err(char *err, size_t errlen, const char *fmt, ...)
-    __attribute__((format(printf, 3, 4)));
-
-static void seal__set_err(char *err, size_t errlen, const char *fmt, ...)
-{
-    va_list ap;
-    if (!err || errlen == 0)
-        return;
-    va_start(ap, fmt);
-    vsnprintf(err, errlen, fmt, ap);
-    va_end(ap);
-}
-
-/* Fill BUF with LEN bytes from the kernel CSPRNG. Blocks only before the pool is first seeded
- * (early boot), which is the point: a nonce or key from an unseeded pool is worthless. */
-static int seal__random(uint8_t *buf, size_t len)
-{
-    size_t got = 0;
-    while (got < len) {
-        ssize_t r = getrandom(buf + got, len - got, 0);
-        if (r < 0) {
-            if (errno == EINTR)
-                continue;
-            return CIS_EIO;
-        }
-        got += (size_t)r;
-    }
-    return CIS_OK;
-}
 
 static void seal__put_be64(uint8_t *p, uint64_t v)
 {
@@ -102,7 +70,7 @@ int agent_seal_load(const char *path, struct agent_seal **out, char *err, size_t
     if (out)
         *out = NULL;
     if (!path || !path[0] || !out) {
-        seal__set_err(err, errlen, "no key file given");
+        cis_set_err(err, errlen, "no key file given");
         return CIS_EINVAL;
     }
     /* NOFOLLOW: the checks below must be about the key file itself, not a link that may later
@@ -111,45 +79,45 @@ int agent_seal_load(const char *path, struct agent_seal **out, char *err, size_t
     fd = open(path, O_RDONLY | O_CLOEXEC | O_NOFOLLOW | O_NONBLOCK);
     if (fd < 0) {
         if (errno == ELOOP) {
-            seal__set_err(err, errlen,
-                          "%s: is a symbolic link; point spool.encryption_key_file at the key "
-                          "file itself",
-                          path);
+            cis_set_err(err, errlen,
+                        "%s: is a symbolic link; point spool.encryption_key_file at the key "
+                        "file itself",
+                        path);
             return CIS_EINVAL;
         }
-        seal__set_err(err, errlen, "%s: cannot open the spool key: %s", path, strerror(errno));
+        cis_set_err(err, errlen, "%s: cannot open the spool key: %s", path, strerror(errno));
         return CIS_EIO;
     }
     if (fstat(fd, &sb) != 0) {
-        seal__set_err(err, errlen, "%s: cannot stat the spool key: %s", path, strerror(errno));
+        cis_set_err(err, errlen, "%s: cannot stat the spool key: %s", path, strerror(errno));
         ret = CIS_EIO;
         goto out;
     }
     if (!S_ISREG(sb.st_mode)) {
-        seal__set_err(err, errlen, "%s: not a regular file; a spool key is a 32-byte file", path);
+        cis_set_err(err, errlen, "%s: not a regular file; a spool key is a 32-byte file", path);
         ret = CIS_EINVAL;
         goto out;
     }
     /* Checked before the size: a readable key is a leak whatever its length, and the message
      * should lead with that. */
     if ((sb.st_mode & 077) != 0) {
-        seal__set_err(err, errlen, "%s: mode %04o lets %s read the spool key; run chmod 600 %s",
-                      path, (unsigned)(sb.st_mode & 07777),
-                      (sb.st_mode & 07) ? "others" : "its group", path);
+        cis_set_err(err, errlen, "%s: mode %04o lets %s read the spool key; run chmod 600 %s", path,
+                    (unsigned)(sb.st_mode & 07777), (sb.st_mode & 07) ? "others" : "its group",
+                    path);
         ret = CIS_EINVAL;
         goto out;
     }
     if (sb.st_size != AGENT_SEAL_KEY_LEN) {
-        seal__set_err(err, errlen,
-                      "%s: is %lld bytes; a spool key is exactly %d (make one with "
-                      "cistern-agent keygen FILE)",
-                      path, (long long)sb.st_size, AGENT_SEAL_KEY_LEN);
+        cis_set_err(err, errlen,
+                    "%s: is %lld bytes; a spool key is exactly %d (make one with "
+                    "cistern-agent keygen FILE)",
+                    path, (long long)sb.st_size, AGENT_SEAL_KEY_LEN);
         ret = CIS_EINVAL;
         goto out;
     }
     k = calloc(1, sizeof(*k));
     if (!k) {
-        seal__set_err(err, errlen, "%s: out of memory", path);
+        cis_set_err(err, errlen, "%s: out of memory", path);
         ret = CIS_ENOMEM;
         goto out;
     }
@@ -160,8 +128,8 @@ int agent_seal_load(const char *path, struct agent_seal **out, char *err, size_t
         if (r < 0 && errno == EINTR)
             continue;
         if (r <= 0) {
-            seal__set_err(err, errlen, "%s: cannot read the spool key: %s", path,
-                          r < 0 ? strerror(errno) : "file shrank while reading");
+            cis_set_err(err, errlen, "%s: cannot read the spool key: %s", path,
+                        r < 0 ? strerror(errno) : "file shrank while reading");
             ret = CIS_EIO;
             goto out;
         }
@@ -190,7 +158,7 @@ int agent_seal_keygen(const char *path, char *err, size_t errlen)
     int ret = CIS_OK;
 
     if (!path || !path[0]) {
-        seal__set_err(err, errlen, "no key file given");
+        cis_set_err(err, errlen, "no key file given");
         return CIS_EINVAL;
     }
     /* EXCL: a key is never overwritten, since every segment sealed with it would become
@@ -198,24 +166,24 @@ int agent_seal_keygen(const char *path, char *err, size_t errlen)
     int fd = open(path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC | O_NOFOLLOW, 0600);
     if (fd < 0) {
         if (errno == EEXIST || errno == ELOOP) {
-            seal__set_err(err, errlen,
-                          "%s exists; not overwriting a key (the spool sealed with it would "
-                          "become unreadable)",
-                          path);
+            cis_set_err(err, errlen,
+                        "%s exists; not overwriting a key (the spool sealed with it would "
+                        "become unreadable)",
+                        path);
             return CIS_EINVAL;
         }
         int e = errno;
-        seal__set_err(err, errlen, "%s: cannot create the key file: %s", path, strerror(e));
+        cis_set_err(err, errlen, "%s: cannot create the key file: %s", path, strerror(e));
         return e == ENOENT ? CIS_ENOTFOUND : e == ENOSPC ? CIS_ENOSPC : CIS_EIO;
     }
     /* The umask may have taken bits away from 0600 (never added any); set it exactly. */
     if (fchmod(fd, 0600) != 0) {
-        seal__set_err(err, errlen, "%s: chmod 600: %s", path, strerror(errno));
+        cis_set_err(err, errlen, "%s: chmod 600: %s", path, strerror(errno));
         ret = CIS_EIO;
         goto fail;
     }
-    if (seal__random(key, sizeof(key)) != CIS_OK) {
-        seal__set_err(err, errlen, "%s: getrandom: %s", path, strerror(errno));
+    if (cis_random_bytes(key, sizeof(key)) != CIS_OK) {
+        cis_set_err(err, errlen, "%s: getrandom: %s", path, strerror(errno));
         ret = CIS_EIO;
         goto fail;
     }
@@ -226,7 +194,7 @@ int agent_seal_keygen(const char *path, char *err, size_t errlen)
             continue;
         if (w <= 0) {
             int e = w < 0 ? errno : EIO;
-            seal__set_err(err, errlen, "%s: write: %s", path, strerror(e));
+            cis_set_err(err, errlen, "%s: write: %s", path, strerror(e));
             ret = e == ENOSPC ? CIS_ENOSPC : CIS_EIO;
             goto fail;
         }
@@ -237,19 +205,19 @@ int agent_seal_keygen(const char *path, char *err, size_t errlen)
      * holding blobs sealed with a key that never reached the disk is unreadable. Same for the
      * directory entry. */
     if (fsync(fd) != 0) {
-        seal__set_err(err, errlen, "%s: fsync: %s", path, strerror(errno));
+        cis_set_err(err, errlen, "%s: fsync: %s", path, strerror(errno));
         ret = CIS_EIO;
         goto fail;
     }
     if (close(fd) != 0) {
         fd = -1;
-        seal__set_err(err, errlen, "%s: close: %s", path, strerror(errno));
+        cis_set_err(err, errlen, "%s: close: %s", path, strerror(errno));
         ret = CIS_EIO;
         goto fail;
     }
     fd = -1;
     if (seal__fsync_dir(path) != 0) {
-        seal__set_err(err, errlen, "%s: fsync of its directory: %s", path, strerror(errno));
+        cis_set_err(err, errlen, "%s: fsync of its directory: %s", path, strerror(errno));
         ret = CIS_EIO;
         goto fail;
     }
@@ -301,7 +269,7 @@ int agent_seal_seal(const struct agent_seal *k, uint64_t epoch, uint64_t first, 
         return CIS_ENOMEM;
     /* A random 96-bit nonce per blob: blobs are sealed once each, far fewer than the 2^32 per
      * key after which random nonces risk a repeat. */
-    if (seal__random(blob, AGENT_SEAL_NONCE_LEN) != CIS_OK) {
+    if (cis_random_bytes(blob, AGENT_SEAL_NONCE_LEN) != CIS_OK) {
         free(blob);
         return CIS_EIO;
     }

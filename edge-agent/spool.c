@@ -33,11 +33,9 @@
 #include <errno.h>
 #include <libgen.h>
 #include <sqlite3.h>
-#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/random.h>
 #include <sys/stat.h>
 
 #include "cistern/backoff.h"
@@ -199,19 +197,6 @@ struct spool_delta {
 };
 
 /* ---- helpers ---- */
-
-static void spool__set_err(char *err, size_t errlen, const char *fmt, ...)
-    __attribute__((format(printf, 3, 4)));
-
-static void spool__set_err(char *err, size_t errlen, const char *fmt, ...)
-{
-    va_list ap;
-    if (!err || errlen == 0)
-        return;
-    va_start(ap, fmt);
-    vsnprintf(err, errlen, fmt, ap);
-    va_end(ap);
-}
 
 /* Map a failed SQLite result code to a CIS_E* code (never CIS_OK: a "success" code met where a
  * row or completion was expected is a database error too). SQLITE_FULL is the device (or
@@ -382,17 +367,8 @@ static int spool__random_epoch(uint64_t *out)
 {
     uint64_t v = 0;
     do {
-        uint8_t *p = (uint8_t *)&v;
-        size_t got = 0;
-        while (got < sizeof(v)) {
-            ssize_t r = getrandom(p + got, sizeof(v) - got, 0);
-            if (r < 0) {
-                if (errno == EINTR)
-                    continue;
-                return CIS_EIO;
-            }
-            got += (size_t)r;
-        }
+        if (cis_random_bytes(&v, sizeof(v)) != CIS_OK)
+            return CIS_EIO;
         v &= (uint64_t)INT64_MAX;
     } while (v == 0);
     *out = v;
@@ -403,7 +379,7 @@ static int spool__pragma(struct agent_spool *s, const char *sql, char *err, size
 {
     int rc = sqlite3_exec(s->db, sql, NULL, NULL, NULL);
     if (rc != SQLITE_OK)
-        spool__set_err(err, errlen, "%s: %s: %s", s->path, sql, sqlite3_errmsg(s->db));
+        cis_set_err(err, errlen, "%s: %s: %s", s->path, sql, sqlite3_errmsg(s->db));
     return rc;
 }
 
@@ -768,7 +744,7 @@ static int spool__check_key(struct agent_spool *s, char *err, size_t errlen)
     int sealed = 0;
     int rc = spool__meta_get(s->db, "key_id", &v);
     if (rc != SQLITE_OK && rc != SQLITE_NOTFOUND) {
-        spool__set_err(err, errlen, "%s: read key_id: %s", s->path, sqlite3_errmsg(s->db));
+        cis_set_err(err, errlen, "%s: read key_id: %s", s->path, sqlite3_errmsg(s->db));
         return spool__map(rc);
     }
     int have = rc == SQLITE_OK;
@@ -781,15 +757,15 @@ static int spool__check_key(struct agent_spool *s, char *err, size_t errlen)
         if (have) {
             rc = spool__has_sealed(s->db, &sealed);
             if (rc != SQLITE_OK) {
-                spool__set_err(err, errlen, "%s: %s", s->path, sqlite3_errmsg(s->db));
+                cis_set_err(err, errlen, "%s: %s", s->path, sqlite3_errmsg(s->db));
                 return spool__map(rc);
             }
             if (sealed) {
-                spool__set_err(err, errlen,
-                               "%s: spool was sealed with key id %016llx, the configured key is"
-                               " %016llx; refusing to start rather than drop every segment as"
-                               " tampered",
-                               s->path, (unsigned long long)stored, (unsigned long long)kid);
+                cis_set_err(err, errlen,
+                            "%s: spool was sealed with key id %016llx, the configured key is"
+                            " %016llx; refusing to start rather than drop every segment as"
+                            " tampered",
+                            s->path, (unsigned long long)stored, (unsigned long long)kid);
                 return CIS_EINVAL;
             }
             /* Nothing sealed with the old key is left: nothing would fail to open. */
@@ -799,7 +775,7 @@ static int spool__check_key(struct agent_spool *s, char *err, size_t errlen)
         }
         rc = spool__meta_put(s->db, "key_id", (int64_t)kid);
         if (rc != SQLITE_OK) {
-            spool__set_err(err, errlen, "%s: store key_id: %s", s->path, sqlite3_errmsg(s->db));
+            cis_set_err(err, errlen, "%s: store key_id: %s", s->path, sqlite3_errmsg(s->db));
             return spool__map(rc);
         }
         return CIS_OK;
@@ -811,15 +787,15 @@ static int spool__check_key(struct agent_spool *s, char *err, size_t errlen)
         return CIS_OK;
     rc = spool__has_sealed(s->db, &sealed);
     if (rc != SQLITE_OK) {
-        spool__set_err(err, errlen, "%s: %s", s->path, sqlite3_errmsg(s->db));
+        cis_set_err(err, errlen, "%s: %s", s->path, sqlite3_errmsg(s->db));
         return spool__map(rc);
     }
     if (sealed) {
-        spool__set_err(err, errlen,
-                       "%s: spool holds segments sealed with key id %016llx but no"
-                       " spool.encryption_key_file is configured; refusing to start rather than"
-                       " drop every segment as tampered",
-                       s->path, (unsigned long long)stored);
+        cis_set_err(err, errlen,
+                    "%s: spool holds segments sealed with key id %016llx but no"
+                    " spool.encryption_key_file is configured; refusing to start rather than"
+                    " drop every segment as tampered",
+                    s->path, (unsigned long long)stored);
         return CIS_EINVAL;
     }
     return CIS_OK;
@@ -836,7 +812,7 @@ static int spool__init_db(struct agent_spool *s, char *err, size_t errlen)
 
     int rc = sqlite3_exec(s->db, "BEGIN IMMEDIATE", NULL, NULL, NULL);
     if (rc != SQLITE_OK) {
-        spool__set_err(err, errlen, "%s: begin: %s", s->path, sqlite3_errmsg(s->db));
+        cis_set_err(err, errlen, "%s: begin: %s", s->path, sqlite3_errmsg(s->db));
         return spool__map(rc);
     }
 
@@ -846,7 +822,7 @@ static int spool__init_db(struct agent_spool *s, char *err, size_t errlen)
     if (rc == SQLITE_OK)
         rc = sqlite3_step(st);
     if (rc != SQLITE_ROW) {
-        spool__set_err(err, errlen, "%s: %s", s->path, sqlite3_errmsg(s->db));
+        cis_set_err(err, errlen, "%s: %s", s->path, sqlite3_errmsg(s->db));
         ret = spool__map(rc);
         goto out;
     }
@@ -859,7 +835,7 @@ static int spool__init_db(struct agent_spool *s, char *err, size_t errlen)
          * a crash leaves either no spool or a complete one, never one without an epoch. */
         ret = spool__random_epoch(&s->epoch);
         if (ret) {
-            spool__set_err(err, errlen, "%s: getrandom: %s", s->path, strerror(errno));
+            cis_set_err(err, errlen, "%s: getrandom: %s", s->path, strerror(errno));
             goto out;
         }
         char ins[256];
@@ -871,7 +847,7 @@ static int spool__init_db(struct agent_spool *s, char *err, size_t errlen)
         if (rc == SQLITE_OK)
             rc = sqlite3_exec(s->db, ins, NULL, NULL, NULL);
         if (rc != SQLITE_OK) {
-            spool__set_err(err, errlen, "%s: create schema: %s", s->path, sqlite3_errmsg(s->db));
+            cis_set_err(err, errlen, "%s: create schema: %s", s->path, sqlite3_errmsg(s->db));
             ret = spool__map(rc);
             goto out;
         }
@@ -880,21 +856,21 @@ static int spool__init_db(struct agent_spool *s, char *err, size_t errlen)
     } else {
         rc = spool__meta_get(s->db, "schema_version", &v);
         if (rc != SQLITE_OK) {
-            spool__set_err(err, errlen, "%s: no schema_version in meta: %s", s->path,
-                           rc == SQLITE_NOTFOUND ? "missing" : sqlite3_errmsg(s->db));
+            cis_set_err(err, errlen, "%s: no schema_version in meta: %s", s->path,
+                        rc == SQLITE_NOTFOUND ? "missing" : sqlite3_errmsg(s->db));
             ret = rc == SQLITE_NOTFOUND ? CIS_ECORRUPT : spool__map(rc);
             goto out;
         }
         if (v > AGENT_SPOOL_SCHEMA_VERSION) {
-            spool__set_err(err, errlen,
-                           "%s: spool schema_version %lld is newer than this agent supports (%d);"
-                           " upgrade the agent or move the file aside",
-                           s->path, (long long)v, AGENT_SPOOL_SCHEMA_VERSION);
+            cis_set_err(err, errlen,
+                        "%s: spool schema_version %lld is newer than this agent supports (%d);"
+                        " upgrade the agent or move the file aside",
+                        s->path, (long long)v, AGENT_SPOOL_SCHEMA_VERSION);
             ret = CIS_EDB;
             goto out;
         }
         if (v < 1) {
-            spool__set_err(err, errlen, "%s: bad schema_version %lld", s->path, (long long)v);
+            cis_set_err(err, errlen, "%s: bad schema_version %lld", s->path, (long long)v);
             ret = CIS_ECORRUPT;
             goto out;
         }
@@ -902,8 +878,8 @@ static int spool__init_db(struct agent_spool *s, char *err, size_t errlen)
             /* In this same transaction: a crash leaves the version-1 file as it was. */
             rc = sqlite3_exec(s->db, spool_upgrade_v2_sql, NULL, NULL, NULL);
             if (rc != SQLITE_OK) {
-                spool__set_err(err, errlen, "%s: upgrade to schema version 2: %s", s->path,
-                               sqlite3_errmsg(s->db));
+                cis_set_err(err, errlen, "%s: upgrade to schema version 2: %s", s->path,
+                            sqlite3_errmsg(s->db));
                 ret = spool__map(rc);
                 goto out;
             }
@@ -911,14 +887,14 @@ static int spool__init_db(struct agent_spool *s, char *err, size_t errlen)
         }
         rc = spool__meta_get(s->db, "epoch", &v);
         if (rc != SQLITE_OK || v <= 0) {
-            spool__set_err(err, errlen, "%s: meta epoch missing or invalid", s->path);
+            cis_set_err(err, errlen, "%s: meta epoch missing or invalid", s->path);
             ret = rc == SQLITE_OK || rc == SQLITE_NOTFOUND ? CIS_ECORRUPT : spool__map(rc);
             goto out;
         }
         s->epoch = (uint64_t)v;
         rc = spool__meta_get(s->db, "next_seq", &v);
         if (rc != SQLITE_OK || v <= 0) {
-            spool__set_err(err, errlen, "%s: meta next_seq missing or invalid", s->path);
+            cis_set_err(err, errlen, "%s: meta next_seq missing or invalid", s->path);
             ret = rc == SQLITE_OK || rc == SQLITE_NOTFOUND ? CIS_ECORRUPT : spool__map(rc);
             goto out;
         }
@@ -940,7 +916,7 @@ static int spool__init_db(struct agent_spool *s, char *err, size_t errlen)
     if (rc == SQLITE_OK)
         rc = sqlite3_step(st);
     if (rc != SQLITE_ROW) {
-        spool__set_err(err, errlen, "%s: read counters: %s", s->path, sqlite3_errmsg(s->db));
+        cis_set_err(err, errlen, "%s: read counters: %s", s->path, sqlite3_errmsg(s->db));
         ret = spool__map(rc);
         goto out;
     }
@@ -950,8 +926,8 @@ static int spool__init_db(struct agent_spool *s, char *err, size_t errlen)
     int64_t max_last = sqlite3_column_int64(st, 2);
     s->ledger_unsent = (uint64_t)sqlite3_column_int64(st, 3);
     if (max_last >= 0 && (uint64_t)max_last >= s->next_seq) {
-        spool__set_err(err, errlen, "%s: meta next_seq %llu is not above stored seq %lld", s->path,
-                       (unsigned long long)s->next_seq, (long long)max_last);
+        cis_set_err(err, errlen, "%s: meta next_seq %llu is not above stored seq %lld", s->path,
+                    (unsigned long long)s->next_seq, (long long)max_last);
         ret = CIS_ECORRUPT;
         goto out;
     }
@@ -966,8 +942,8 @@ static int spool__init_db(struct agent_spool *s, char *err, size_t errlen)
     while (rc == SQLITE_OK && (rc = sqlite3_step(st)) == SQLITE_ROW) {
         int64_t c = sqlite3_column_int64(st, 0);
         if (c < 0 || c >= CIS_PRIO_COUNT) {
-            spool__set_err(err, errlen, "%s: segments with unknown priority %lld", s->path,
-                           (long long)c);
+            cis_set_err(err, errlen, "%s: segments with unknown priority %lld", s->path,
+                        (long long)c);
             ret = CIS_ECORRUPT;
             goto out;
         }
@@ -977,7 +953,7 @@ static int spool__init_db(struct agent_spool *s, char *err, size_t errlen)
         rc = SQLITE_OK;
     }
     if (rc != SQLITE_DONE) {
-        spool__set_err(err, errlen, "%s: read counters: %s", s->path, sqlite3_errmsg(s->db));
+        cis_set_err(err, errlen, "%s: read counters: %s", s->path, sqlite3_errmsg(s->db));
         ret = spool__map(rc);
         goto out;
     }
@@ -986,7 +962,7 @@ static int spool__init_db(struct agent_spool *s, char *err, size_t errlen)
 
     rc = sqlite3_exec(s->db, "COMMIT", NULL, NULL, NULL);
     if (rc != SQLITE_OK) {
-        spool__set_err(err, errlen, "%s: commit: %s", s->path, sqlite3_errmsg(s->db));
+        cis_set_err(err, errlen, "%s: commit: %s", s->path, sqlite3_errmsg(s->db));
         ret = spool__map(rc);
         goto out;
     }
@@ -1016,7 +992,7 @@ int agent_spool_open(const struct agent_spool_opts *o, struct agent_spool **out,
     if (out)
         *out = NULL;
     if (!o || !o->path || !o->path[0] || !out) {
-        spool__set_err(err, errlen, "spool: no path given");
+        cis_set_err(err, errlen, "spool: no path given");
         return CIS_EINVAL;
     }
 
@@ -1030,14 +1006,14 @@ int agent_spool_open(const struct agent_spool_opts *o, struct agent_spool **out,
     const char *d = dirname(dir);
     struct stat sb;
     if (stat(d, &sb) != 0 || !S_ISDIR(sb.st_mode)) {
-        spool__set_err(err, errlen, "%s: spool directory %s does not exist", o->path, d);
+        cis_set_err(err, errlen, "%s: spool directory %s does not exist", o->path, d);
         ret = CIS_ENOTFOUND;
         goto out;
     }
 
     s = calloc(1, sizeof(*s));
     if (!s || !(s->path = strdup(o->path))) {
-        spool__set_err(err, errlen, "%s: out of memory", o->path);
+        cis_set_err(err, errlen, "%s: out of memory", o->path);
         ret = CIS_ENOMEM;
         goto out;
     }
@@ -1048,8 +1024,8 @@ int agent_spool_open(const struct agent_spool_opts *o, struct agent_spool **out,
     rc = sqlite3_open_v2(o->path, &s->db,
                          SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE | SQLITE_OPEN_NOMUTEX, NULL);
     if (rc != SQLITE_OK) {
-        spool__set_err(err, errlen, "%s: open: %s", o->path,
-                       s->db ? sqlite3_errmsg(s->db) : sqlite3_errstr(rc));
+        cis_set_err(err, errlen, "%s: open: %s", o->path,
+                    s->db ? sqlite3_errmsg(s->db) : sqlite3_errstr(rc));
         ret = spool__map(rc);
         goto out;
     }
@@ -1083,7 +1059,7 @@ int agent_spool_open(const struct agent_spool_opts *o, struct agent_spool **out,
         if (rc == SQLITE_OK)
             rc = sqlite3_step(st);
         if (rc != SQLITE_ROW) {
-            spool__set_err(err, errlen, "%s: journal_mode=WAL: %s", o->path, sqlite3_errmsg(s->db));
+            cis_set_err(err, errlen, "%s: journal_mode=WAL: %s", o->path, sqlite3_errmsg(s->db));
             sqlite3_finalize(st);
             ret = spool__map(rc);
             goto out;
@@ -1091,8 +1067,8 @@ int agent_spool_open(const struct agent_spool_opts *o, struct agent_spool **out,
         const char *mode = (const char *)sqlite3_column_text(st, 0);
         int is_wal = mode && strcmp(mode, "wal") == 0;
         if (!is_wal)
-            spool__set_err(err, errlen, "%s: cannot use WAL (journal_mode is %s)", o->path,
-                           mode ? mode : "?");
+            cis_set_err(err, errlen, "%s: cannot use WAL (journal_mode is %s)", o->path,
+                        mode ? mode : "?");
         sqlite3_finalize(st);
         if (!is_wal) {
             ret = CIS_EDB;
@@ -1146,7 +1122,7 @@ int agent_spool_open(const struct agent_spool_opts *o, struct agent_spool **out,
         rc =
             sqlite3_prepare_v3(s->db, spool_sql[i], -1, SQLITE_PREPARE_PERSISTENT, &s->st[i], NULL);
         if (rc != SQLITE_OK) {
-            spool__set_err(err, errlen, "%s: prepare: %s", o->path, sqlite3_errmsg(s->db));
+            cis_set_err(err, errlen, "%s: prepare: %s", o->path, sqlite3_errmsg(s->db));
             ret = spool__map(rc);
             goto out;
         }
@@ -1160,7 +1136,7 @@ int agent_spool_open(const struct agent_spool_opts *o, struct agent_spool **out,
     }
     rc = spool__pages(s, &s->page_count, &s->freelist_count);
     if (rc != SQLITE_OK) {
-        spool__set_err(err, errlen, "%s: page count: %s", o->path, sqlite3_errmsg(s->db));
+        cis_set_err(err, errlen, "%s: page count: %s", o->path, sqlite3_errmsg(s->db));
         ret = spool__map(rc);
         goto out;
     }
@@ -1186,7 +1162,7 @@ int agent_spool_open(const struct agent_spool_opts *o, struct agent_spool **out,
 
 out:
     if (ret == CIS_ENOMEM)
-        spool__set_err(err, errlen, "%s: out of memory", o->path);
+        cis_set_err(err, errlen, "%s: out of memory", o->path);
     free(dir);
     agent_spool_close(s);
     return ret;

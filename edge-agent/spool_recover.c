@@ -40,19 +40,6 @@ struct recover_names {
     char n[PATH_MAX], nwal[PATH_MAX], nshm[PATH_MAX], njournal[PATH_MAX];
 };
 
-static void recover__set_err(char *err, size_t errlen, const char *fmt, ...)
-    __attribute__((format(printf, 3, 4)));
-
-static void recover__set_err(char *err, size_t errlen, const char *fmt, ...)
-{
-    va_list ap;
-    if (!err || errlen == 0)
-        return;
-    va_start(ap, fmt);
-    vsnprintf(err, errlen, fmt, ap);
-    va_end(ap);
-}
-
 /* snprintf that reports truncation (a path too long to name its siblings). */
 static int recover__fmt(char *out, size_t len, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));
@@ -495,15 +482,15 @@ static int recover__quarantine(const struct agent_spool_opts *o, struct recover_
     if (resume) {
         /* Finish step 3 first: then Q is whole, with its WAL, and is what we salvage from. */
         if (recover__rename_if(nm->wal, nm->qwal) || recover__rename_if(nm->shm, nm->qshm)) {
-            recover__set_err(err, errlen, "%s: cannot move its -wal/-shm aside to %s: %s", path,
-                             nm->q, strerror(errno));
+            cis_set_err(err, errlen, "%s: cannot move its -wal/-shm aside to %s: %s", path, nm->q,
+                        strerror(errno));
             return CIS_EIO;
         }
         recover__salvage(nm->q, recover__wal_has_frames(nm->qwal), &ri);
     } else {
         if (recover__pick_q(nm, path) != 0) {
-            recover__set_err(err, errlen, "%s: cannot name a quarantine file: %s", path,
-                             strerror(errno));
+            cis_set_err(err, errlen, "%s: cannot name a quarantine file: %s", path,
+                        strerror(errno));
             return CIS_EIO;
         }
         struct stat sb;
@@ -565,8 +552,8 @@ static int recover__quarantine(const struct agent_spool_opts *o, struct recover_
         goto fail;
     ret = agent_spool_ledger_add(ns, "corrupt_spool", ri.sv.epoch, first, last, count, detail);
     if (ret) {
-        recover__set_err(err, errlen, "%s: cannot write the ledger row of the new spool: %s", nm->n,
-                         cis_strerror(ret));
+        cis_set_err(err, errlen, "%s: cannot write the ledger row of the new spool: %s", nm->n,
+                    cis_strerror(ret));
         goto fail;
     }
     *new_epoch = agent_spool_epoch(ns);
@@ -575,13 +562,13 @@ static int recover__quarantine(const struct agent_spool_opts *o, struct recover_
     /* A clean close checkpoints everything into N and removes its -wal: a WAL still there
      * would be left behind by the rename below, and the ledger row with it. */
     if (recover__exists(nm->nwal) != 0) {
-        recover__set_err(err, errlen, "%s: its WAL was not checkpointed on close", nm->n);
+        cis_set_err(err, errlen, "%s: its WAL was not checkpointed on close", nm->n);
         ret = CIS_EDB;
         goto fail;
     }
     recover__unlink(nm->nshm);
     if (recover__fsync_path(nm->n, 0) || recover__fsync_path(nm->dir, 1)) {
-        recover__set_err(err, errlen, "%s: fsync: %s", nm->n, strerror(errno));
+        cis_set_err(err, errlen, "%s: fsync: %s", nm->n, strerror(errno));
         ret = CIS_EIO;
         goto fail;
     }
@@ -590,34 +577,33 @@ static int recover__quarantine(const struct agent_spool_opts *o, struct recover_
         /* Step 2 (or, without hard links, its rename after step 3). */
         int linked = link(path, nm->q) == 0;
         if (!linked && errno == EEXIST) {
-            recover__set_err(err, errlen, "%s: %s appeared meanwhile; not overwriting it", path,
-                             nm->q);
+            cis_set_err(err, errlen, "%s: %s appeared meanwhile; not overwriting it", path, nm->q);
             ret = CIS_EIO;
             goto fail;
         }
         if (linked && recover__fsync_path(nm->dir, 1)) {
-            recover__set_err(err, errlen, "%s: fsync: %s", nm->dir, strerror(errno));
+            cis_set_err(err, errlen, "%s: fsync: %s", nm->dir, strerror(errno));
             ret = CIS_EIO;
             goto fail;
         }
         /* Step 3. */
         if (recover__rename_if(nm->wal, nm->qwal) || recover__rename_if(nm->shm, nm->qshm)) {
-            recover__set_err(err, errlen, "%s: cannot move its -wal/-shm aside to %s: %s", path,
-                             nm->q, strerror(errno));
+            cis_set_err(err, errlen, "%s: cannot move its -wal/-shm aside to %s: %s", path, nm->q,
+                        strerror(errno));
             ret = CIS_EIO;
             goto fail;
         }
         if (!linked && rename(path, nm->q) != 0) {
-            recover__set_err(err, errlen, "%s: cannot move it aside to %s: %s", path, nm->q,
-                             strerror(errno));
+            cis_set_err(err, errlen, "%s: cannot move it aside to %s: %s", path, nm->q,
+                        strerror(errno));
             ret = CIS_EIO;
             goto fail;
         }
     }
     /* Step 4. */
     if (rename(nm->n, path) != 0) {
-        recover__set_err(err, errlen, "%s: cannot put the new spool %s in place: %s", path, nm->n,
-                         strerror(errno));
+        cis_set_err(err, errlen, "%s: cannot put the new spool %s in place: %s", path, nm->n,
+                    strerror(errno));
         ret = CIS_EIO;
         goto fail;
     }
@@ -672,14 +658,14 @@ int agent_spool_open_checked(const struct agent_spool_opts *o, struct agent_spoo
     nm = calloc(1, sizeof(*nm));
     real = recover__resolve(o->path);
     if (!nm || !real) {
-        recover__set_err(err, errlen, "%s: out of memory", o->path);
+        cis_set_err(err, errlen, "%s: out of memory", o->path);
         ret = CIS_ENOMEM;
         goto out;
     }
     ro = *o;
     ro.path = real;
     if (recover__names_init(nm, real) != 0) {
-        recover__set_err(err, errlen, "%s: path too long", real);
+        cis_set_err(err, errlen, "%s: path too long", real);
         ret = CIS_EINVAL;
         goto out;
     }
@@ -709,8 +695,8 @@ int agent_spool_open_checked(const struct agent_spool_opts *o, struct agent_spoo
             cis_warn("[spool] %s is empty (a spool that never got its schema); starting a new one",
                      real);
             if (unlink(real) != 0 && errno != ENOENT) {
-                recover__set_err(err, errlen, "%s: cannot remove the empty file: %s", real,
-                                 strerror(errno));
+                cis_set_err(err, errlen, "%s: cannot remove the empty file: %s", real,
+                            strerror(errno));
                 ret = CIS_EIO;
                 goto out;
             }
@@ -731,7 +717,7 @@ int agent_spool_open_checked(const struct agent_spool_opts *o, struct agent_spoo
         ret = agent_spool_open(o, out, err2, sizeof(err2));
         if (ret != CIS_ECORRUPT) {
             if (ret)
-                recover__set_err(err, errlen, "%s", err2);
+                cis_set_err(err, errlen, "%s", err2);
             goto out;
         }
         /* Passed quick_check, yet its content is not a consistent spool. Its message starts
@@ -771,7 +757,7 @@ int agent_spool_recover(struct agent_spool **sp, const struct agent_spool_opts *
     int ret;
 
     if (!sp || !*sp || !o || !o->path || !o->path[0]) {
-        recover__set_err(err, errlen, "spool: recover needs an open spool and its options");
+        cis_set_err(err, errlen, "spool: recover needs an open spool and its options");
         if (sp) {
             agent_spool_close(*sp);
             *sp = NULL;
@@ -790,14 +776,14 @@ int agent_spool_recover(struct agent_spool **sp, const struct agent_spool_opts *
     nm = calloc(1, sizeof(*nm));
     real = recover__resolve(o->path);
     if (!nm || !real) {
-        recover__set_err(err, errlen, "%s: out of memory", o->path);
+        cis_set_err(err, errlen, "%s: out of memory", o->path);
         ret = CIS_ENOMEM;
         goto out;
     }
     ro = *o;
     ro.path = real;
     if (recover__names_init(nm, real) != 0) {
-        recover__set_err(err, errlen, "%s: path too long", real);
+        cis_set_err(err, errlen, "%s: path too long", real);
         ret = CIS_EINVAL;
         goto out;
     }

@@ -2,6 +2,8 @@
 #ifndef CISTERN_ERR_H
 #define CISTERN_ERR_H
 
+#include <stddef.h>
+
 enum {
     CIS_OK = 0,
     CIS_ENOMEM = -1,   /* allocation failed */
@@ -21,5 +23,15 @@ enum {
 
 /* A static, human-readable description of a CIS_E* code. Never NULL. */
 const char *cis_strerror(int code);
+
+/* Fill BUF with LEN bytes from the kernel CSPRNG (getrandom; retried on EINTR and short reads).
+ * Blocks only before the pool is first seeded (early boot): a key, nonce or epoch from an
+ * unseeded pool is worthless. Returns CIS_OK or CIS_EIO (errno set). */
+int cis_random_bytes(void *buf, size_t len);
+
+/* Format a one-line reason into ERR (ERRLEN bytes, truncated if need be). ERR may be NULL or
+ * ERRLEN 0: then nothing is written. */
+void cis_set_err(char *err, size_t errlen, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
 
 #endif
