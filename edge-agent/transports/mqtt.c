@@ -19,6 +19,7 @@
 #include "cistern/backoff.h"
 #include "cistern/err.h"
 #include "cistern/log.h"
+#include "cistern/paho.h"
 
 #define RUN_ID_LEN 8
 #define CORR_LEN 16          /* run id, then the batch token (big-endian u64) */
@@ -81,6 +82,8 @@ struct batch {
     uint64_t token;
     int msgid;        /* Paho's token for the PUBLISH (its packet id) */
     int64_t deadline; /* monotonic ms: no answer by then, the batch failed */
+    uint8_t *body;    /* on the queue: the batch, not yet handed to Paho (owned) */
+    size_t len;
     struct agent_send_result r;
 };
 
@@ -121,7 +124,15 @@ struct mqtt {
     int warned_malformed;
     struct batch *pending;
     struct batch *done, **done_tail;
+    /* One PUBLISH at a time goes to Paho: the next waits for the broker's PUBACK of the last
+     * (see publish_next). The window of batches waiting for the receiver's ack is not
+     * narrowed by this: a PUBACK comes after one round trip to the broker. */
+    struct batch *queue, **queue_tail;
+    int pub_busy;  /* a PUBLISH handed to Paho has no PUBACK yet */
+    int pub_msgid; /* its token */
 };
+
+static void publish_next(struct mqtt *h);
 
 /* ---- pure helpers (tests/unit/test_mqtt_ack.c) ---- */
 
@@ -686,6 +697,15 @@ static void fail_all(struct mqtt *h, const char *why)
         h->pending = p->next;
         finish(h, p, CIS_EAGAIN, 0, "%s", why);
     }
+    while (h->queue) {
+        struct batch *q = h->queue;
+        h->queue = q->next;
+        free(q->body);
+        q->body = NULL;
+        finish(h, q, CIS_EAGAIN, 0, "%s", why);
+    }
+    h->queue_tail = &h->queue;
+    h->pub_busy = 0;
 }
 
 /* A failure of the link: logged when it differs from the last one, so a broker that stays
@@ -776,7 +796,8 @@ static void client_close(struct mqtt *h)
          * in MQTTAsync_rcv), destroying it frees that memory a second time. So it is left to
          * Paho as it is, disconnected and inert: a few KiB once per such failure, rather than
          * a corrupt heap. The next connection uses a new client. */
-        cis_debug("[mqtt] a PUBLISH failed inside Paho: its client is set aside, not reused");
+        cis_info("[mqtt] Paho failed to write a PUBLISH on the breaking connection: its client "
+                 "is set aside (a few KiB kept; Paho 1.3.12 bug)");
         /* Nothing of it may reach h again (it is not connected, so nothing should come). */
         MQTTAsync_setCallbacks(h->client, NULL, noop_lost, noop_message, NULL);
         MQTTAsync_setDisconnected(h->client, NULL, NULL);
@@ -922,10 +943,17 @@ static void got_puback(struct mqtt *h, const struct ev *e)
     struct batch *p;
     char rs[96];
 
+    if (h->pub_busy && e->msgid == h->pub_msgid)
+        h->pub_busy = 0; /* whatever the outcome, the next PUBLISH may go (publish_next) */
     if (e->flag && e->reason < 0x80) {
         /* Not the broker's answer: Paho could not write the PUBLISH, the connection is
-         * breaking (its loss follows). Not a refusal either, so nothing is logged here. */
-        h->poisoned = 1;
+         * breaking (its loss follows). Not a refusal either, so nothing is logged here. Only
+         * a failed write (MQTTASYNC_FAILURE, Paho's SOCKET_ERROR) leaves freed memory in the
+         * client (see client_close); a PUBLISH flushed with a lost connection does not. */
+        if (e->rc == MQTTASYNC_FAILURE) {
+            cis_debug("[mqtt] Paho failed to write a PUBLISH: this client will be set aside");
+            h->poisoned = 1;
+        }
         p = pending_take(h, 1, (uint64_t)e->msgid);
         if (p)
             finish(h, p, CIS_EAGAIN, 0, "the batch could not be sent to the broker (%s)",
@@ -1146,6 +1174,8 @@ static int64_t mqtt_tick(void *t, int64_t now)
             continue;
         }
         *pp = p->next;
+        if (h->pub_busy && p->msgid == h->pub_msgid)
+            h->pub_busy = 0; /* no PUBACK in time either: the next may go */
         /* The receiver may have died between the broker's PUBACK and its commit: the batch
          * goes again, and the receiver's dedup makes that harmless. */
         if (h->end_to_end)
@@ -1154,6 +1184,23 @@ static int64_t mqtt_tick(void *t, int64_t now)
         else
             finish(h, p, CIS_EAGAIN, 0, "no PUBACK from the broker within %s", tmo);
     }
+    for (struct batch **pp = &h->queue; *pp;) {
+        struct batch *b = *pp;
+        if (now < b->deadline) {
+            next = min_deadline(next, b->deadline);
+            pp = &b->next;
+            continue;
+        }
+        *pp = b->next;
+        free(b->body);
+        b->body = NULL;
+        finish(h, b, CIS_EAGAIN, 0, "no PUBACK from the broker within %s for the batch "
+               "before it", tmo);
+    }
+    h->queue_tail = &h->queue;
+    while (*h->queue_tail)
+        h->queue_tail = &(*h->queue_tail)->next;
+    publish_next(h);
     if (h->state == ST_IDLE && h->reconnect_at >= 0 && now >= h->reconnect_at)
         start_connect(h, now);
     if (h->state == ST_NOSUB && h->resubscribe_at >= 0 && now >= h->resubscribe_at)
@@ -1166,15 +1213,76 @@ static int64_t mqtt_tick(void *t, int64_t now)
     return next;
 }
 
+/* Hand the batch at the head of the queue to Paho, unless a PUBLISH is still waiting for its
+ * PUBACK. One at a time, because of Paho 1.3.12: when the write of a QoS 1 PUBLISH fails, its
+ * client keeps freed memory and must be set aside for good (see client_close), a leak of a few
+ * KiB. A write fails only on a connection that the broker has already reset, that is, after
+ * something was written to it after the broker went away. With one PUBLISH at a time, the
+ * PUBLISH written into a dead connection gets no PUBACK, so no second one follows it there. */
+static void publish_next(struct mqtt *h)
+{
+    while (!h->pub_busy && h->queue && h->state == ST_UP) {
+        MQTTAsync_message m = MQTTAsync_message_initializer;
+        MQTTAsync_responseOptions ro = MQTTAsync_responseOptions_initializer;
+        MQTTProperty prop;
+        uint8_t corr[CORR_LEN];
+        struct batch *p = h->queue;
+        int rc;
+
+        h->queue = p->next;
+        if (!h->queue)
+            h->queue_tail = &h->queue;
+        p->next = NULL;
+        corr_encode(corr, h->run_id, p->token);
+        prop.identifier = MQTTPROPERTY_CODE_CONTENT_TYPE;
+        prop.value.data.data = (char *)CIS_BATCH_CONTENT_TYPE;
+        prop.value.data.len = (int)strlen(CIS_BATCH_CONTENT_TYPE);
+        rc = MQTTProperties_add(&m.properties, &prop);
+        prop.identifier = MQTTPROPERTY_CODE_RESPONSE_TOPIC;
+        prop.value.data.data = h->ack_topic;
+        prop.value.data.len = (int)strlen(h->ack_topic);
+        rc = rc ? rc : MQTTProperties_add(&m.properties, &prop);
+        prop.identifier = MQTTPROPERTY_CODE_CORRELATION_DATA;
+        prop.value.data.data = (char *)corr;
+        prop.value.data.len = CORR_LEN;
+        rc = rc ? rc : MQTTProperties_add(&m.properties, &prop);
+        if (rc) {
+            MQTTProperties_free(&m.properties);
+            free(p->body);
+            p->body = NULL;
+            finish(h, p, CIS_EAGAIN, 0, "cannot publish to the broker: %s",
+                   cis_strerror(CIS_ENOMEM));
+            continue;
+        }
+        m.payload = p->body;
+        m.payloadlen = (int)p->len;
+        m.qos = 1;
+        m.retained = 0;
+        ro.onSuccess5 = on_pub_ok;
+        ro.onFailure5 = on_pub_fail;
+        ro.context = h->conn;
+        /* Paho copies the topic, payload and properties. */
+        rc = MQTTAsync_sendMessage(h->client, h->batch_topic, &m, &ro);
+        MQTTProperties_free(&m.properties);
+        free(p->body);
+        p->body = NULL;
+        if (rc != MQTTASYNC_SUCCESS) {
+            finish(h, p, CIS_EAGAIN, 0, "cannot publish to the broker: %s",
+                   MQTTAsync_strerror(rc));
+            continue;
+        }
+        p->msgid = ro.token;
+        h->pub_busy = 1;
+        h->pub_msgid = ro.token;
+        p->next = h->pending;
+        h->pending = p;
+    }
+}
+
 static int mqtt_send(void *t, uint8_t *body, size_t len, uint64_t token)
 {
     struct mqtt *h = t;
-    MQTTAsync_message m = MQTTAsync_message_initializer;
-    MQTTAsync_responseOptions ro = MQTTAsync_responseOptions_initializer;
-    MQTTProperty prop;
     struct batch *p;
-    uint8_t corr[CORR_LEN];
-    int rc;
 
     if (len > PUBLISH_MAX) {
         free(body);
@@ -1193,44 +1301,14 @@ static int mqtt_send(void *t, uint8_t *body, size_t len, uint64_t token)
         free(body);
         return 0;
     }
-    corr_encode(corr, h->run_id, token);
-    prop.identifier = MQTTPROPERTY_CODE_CONTENT_TYPE;
-    prop.value.data.data = (char *)CIS_BATCH_CONTENT_TYPE;
-    prop.value.data.len = (int)strlen(CIS_BATCH_CONTENT_TYPE);
-    rc = MQTTProperties_add(&m.properties, &prop);
-    prop.identifier = MQTTPROPERTY_CODE_RESPONSE_TOPIC;
-    prop.value.data.data = h->ack_topic;
-    prop.value.data.len = (int)strlen(h->ack_topic);
-    rc = rc ? rc : MQTTProperties_add(&m.properties, &prop);
-    prop.identifier = MQTTPROPERTY_CODE_CORRELATION_DATA;
-    prop.value.data.data = (char *)corr;
-    prop.value.data.len = CORR_LEN;
-    rc = rc ? rc : MQTTProperties_add(&m.properties, &prop);
-    if (rc) {
-        MQTTProperties_free(&m.properties);
-        free(p);
-        free(body);
-        return CIS_ENOMEM;
-    }
-    m.payload = body;
-    m.payloadlen = (int)len;
-    m.qos = 1;
-    m.retained = 0;
-    ro.onSuccess5 = on_pub_ok;
-    ro.onFailure5 = on_pub_fail;
-    ro.context = h->conn;
-    /* Paho copies the topic, payload and properties. */
-    rc = MQTTAsync_sendMessage(h->client, h->batch_topic, &m, &ro);
-    MQTTProperties_free(&m.properties);
-    free(body);
-    if (rc != MQTTASYNC_SUCCESS) {
-        finish(h, p, CIS_EAGAIN, 0, "cannot publish to the broker: %s", MQTTAsync_strerror(rc));
-        return 0;
-    }
-    p->msgid = ro.token;
+    p->body = body;
+    p->len = len;
+    /* The answer's clock starts now: a batch queued behind a PUBACK that does not come fails
+     * in time like the rest. */
     p->deadline = cis_mono_ms() + h->cfg->timeout_ms;
-    p->next = h->pending;
-    h->pending = p;
+    *h->queue_tail = p;
+    h->queue_tail = &p->next;
+    publish_next(h);
     return 0;
 }
 
@@ -1253,6 +1331,12 @@ static void mqtt_free(struct mqtt *h)
         struct batch *b = h->done;
         h->done = b->next;
         free(b);
+    }
+    while (h->queue) {
+        struct batch *q = h->queue;
+        h->queue = q->next;
+        free(q->body);
+        free(q);
     }
     while (h->evq) {
         struct ev *e = h->evq;
@@ -1304,6 +1388,7 @@ static void mqtt_destroy(void *t)
     }
     client_close(h);
     mqtt_free(h);
+    cis_paho_release();
 }
 
 static int topic_safe(const char *s)
@@ -1334,6 +1419,7 @@ static int mqtt_new(struct agent *a, const struct agent_config *cfg, agent_sent_
     h->wake[0] = h->wake[1] = -1;
     h->evq_tail = &h->evq;
     h->done_tail = &h->done;
+    h->queue_tail = &h->queue;
     h->state = ST_IDLE;
     h->reconnect_at = -1;
     h->resubscribe_at = -1;
@@ -1400,11 +1486,18 @@ static int mqtt_create(struct agent *a, const struct agent_config *cfg, agent_se
     h->ssl.enableServerCertAuth = 1;
     h->ssl.verify = 1;
     h->ssl.ssl_error_cb = on_ssl_error;
+    /* Paho's global state lives as long as the transport: see cistern/paho.h. */
+    rc = cis_paho_hold();
+    if (rc) {
+        mqtt_free(h);
+        return rc;
+    }
     /* The first client now, so that a URL Paho cannot use stops the start. */
     rc = client_open(h, why, sizeof(why));
     if (rc) {
         cis_error("[mqtt] %s", why);
         mqtt_free(h);
+        cis_paho_release();
         return rc;
     }
     cis_debug("[mqtt] run id %02x%02x%02x%02x%02x%02x%02x%02x", h->run_id[0], h->run_id[1],
