@@ -17,6 +17,7 @@
 #include <cistern/backoff.h>
 #include <cistern/err.h>
 #include <cistern/log.h>
+#include <cistern/paho.h>
 
 #define BACKOFF_INITIAL_MS 1000
 #define BACKOFF_MAX_MS 30000
@@ -60,6 +61,7 @@ enum conn_state {
 struct recv_mqtt {
     MQTTAsync cli;       /* the current client; replaced only by our thread */
     struct conn *conn;   /* its callbacks' context */
+    int paho_held;       /* cis_paho_hold() taken: released after the last client */
     struct recv_ingest_ctx ingest;
     char *url, *client_id, *prefix, *filter, *username, *password, *ca, *cert, *key;
     int keepalive_s;
@@ -642,7 +644,8 @@ static void client_close(struct recv_mqtt *m, MQTTAsync cli, struct conn *c)
          * freed memory, destroying it would free it twice. So it is left to Paho, disconnected
          * and inert, with its context: a few KiB once per such failure rather than a corrupt
          * heap. */
-        cis_debug("[mqtt] an ack failed inside Paho: its client is set aside, not reused");
+        cis_info("[mqtt] Paho failed to write an ack on the breaking connection: its client is "
+                 "set aside (a few KiB kept; Paho 1.3.12 bug)");
         MQTTAsync_setCallbacks(cli, NULL, noop_lost, noop_message, NULL);
         MQTTAsync_setDisconnected(cli, NULL, NULL);
         return;
@@ -911,6 +914,8 @@ static void destroy(struct recv_mqtt *m)
     client_close(m, m->cli, m->conn);
     m->cli = NULL;
     m->conn = NULL;
+    if (m->paho_held)
+        cis_paho_release();
     pthread_cond_destroy(&m->cv);
     pthread_mutex_destroy(&m->mu);
     free(m->url);
@@ -993,6 +998,13 @@ int recv_mqtt_start(const struct recv_config *cfg, const struct recv_store_ops *
     m->next_ms = cis_mono_ms();
     m->stats_at = m->next_ms;
 
+    /* Paho's global state lives as long as the ingest: see cistern/paho.h. */
+    if (cis_paho_hold() != 0) {
+        snprintf(err, errlen, "out of memory");
+        rc = CIS_ENOMEM;
+        goto out;
+    }
+    m->paho_held = 1;
     /* The first client now, so that a URL Paho cannot use stops the start. */
     rc = client_replace(m, err, errlen);
     if (rc != 0)

@@ -44,6 +44,7 @@
 #include "cistern/config.h"
 #include "cistern/err.h"
 #include "cistern/log.h"
+#include "cistern/paho.h"
 
 #define KEEPALIVE_S 10         /* asked of the broker */
 /* How long a message waits for its commit before its connection is dropped: far above a
@@ -101,6 +102,7 @@ enum link_state { L_DOWN, L_CONNECTING, L_UP, L_STOPPING, L_STOPPED };
 struct mqtt_input {
     struct agent_input *in;
     MQTTAsync client;
+    int paho_held; /* cis_paho_hold() taken: released after the client is destroyed */
     char *client_id;
     int tls;
     MQTTProperties connect_props;
@@ -933,6 +935,9 @@ static int mqtt_start(struct agent_input *in)
         if (off >= sizeof(topics))
             off = sizeof(topics) - 1;
     }
+    if (cis_paho_hold() != 0)
+        return CIS_ENOMEM;
+    s->paho_held = 1;
     rc = MQTTAsync_createWithOptions(&s->client, cfg->url, s->client_id,
                                      MQTTCLIENT_PERSISTENCE_NONE, NULL, &co);
     if (rc != MQTTASYNC_SUCCESS) {
@@ -1106,6 +1111,8 @@ static void mqtt_destroy(struct agent_input *in)
      * (bounded: see on_message) has returned. */
     if (s->client)
         MQTTAsync_destroy(&s->client);
+    if (s->paho_held)
+        cis_paho_release();
     for (size_t i = 0; i < s->nnoted; i++)
         free(s->noted[i]);
     if (s->wake[0] >= 0)
