@@ -10,7 +10,11 @@ connections that die right away, which would only make the test slower).
 
 Then: every line answered OK is stored exactly once; both processes stop on SIGTERM
 with exit status 0 (valgrind's 99 means an error or a definite leak) and valgrind's
-summaries say 0 errors and nothing definitely lost.
+summaries say 0 errors and nothing definitely lost; and neither process set a Paho client
+aside (memory Paho 1.3.12 keeps for good after a failed PUBLISH write, still reachable and
+so invisible to valgrind: the processes log each one).
+
+CISTERN_MQTT_RESTARTS sets the number of restarts (default 50; scripts/soak.sh runs 200).
 
 With binaries built with -DCISTERN_SANITIZE=ON (valgrind cannot run those) the processes
 run bare and LeakSanitizer does the checking: it makes the exit status non-zero on a leak.
@@ -129,6 +133,15 @@ def main(h):
             failures.append("%s: exit %s, valgrind ERROR SUMMARY %s errors, definitely lost "
                             "%d bytes:\n%s" % (name, codes[name], errors, lost,
                                                "\n".join(records[:3])))
+    # A client set aside after Paho failed to write a PUBLISH is memory kept for good (Paho
+    # 1.3.12; see docs/protocol.md): reachable, so valgrind does not call it lost, but a leak
+    # all the same. One PUBLISH at a time makes it rare; count it as a failure when it happens.
+    for name, p in (("agent", agent.proc), ("receiver", recv.proc)):
+        aside = [l for l in p.log_text().splitlines() if "is set aside" in l]
+        ch.log("%s: %d Paho client(s) set aside" % (name, len(aside)))
+        if aside:
+            failures.append("%s set %d Paho client(s) aside (memory kept):\n%s"
+                            % (name, len(aside), "\n".join(aside[:3])))
     ch.check(not failures, "\n".join(failures))
 
 
