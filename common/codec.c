@@ -160,15 +160,19 @@ out:
     return rc;
 }
 
+int cis_agent_id_char_ok(int c)
+{
+    return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
+           c == '-' || c == '_' || c == '.' || c == ':' || c == '@';
+}
+
 static int agent_id_ok(const char *id)
 {
     size_t n = id ? strlen(id) : 0;
     if (n == 0 || n > AGENT_ID_MAX)
         return 0;
     for (size_t i = 0; i < n; i++) {
-        char c = id[i];
-        if (!((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
-              c == '-' || c == '_' || c == '.' || c == ':' || c == '@'))
+        if (!cis_agent_id_char_ok((unsigned char)id[i]))
             return 0;
     }
     return 1;

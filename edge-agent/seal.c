@@ -4,7 +4,6 @@
 
 #include <errno.h>
 #include <fcntl.h>
-#include <libgen.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -16,6 +15,7 @@
 #include <mbedtls/sha256.h>
 
 #include "cistern/err.h"
+#include "cistern/fsync.h"
 
 #define SEAL_AAD_LEN 24
 static const char seal_key_id_label[] = "cistern spool key id v1";
@@ -41,23 +41,6 @@ static void seal__aad(uint8_t aad[SEAL_AAD_LEN], uint64_t epoch, uint64_t first,
     seal__put_be64(aad, epoch);
     seal__put_be64(aad + 8, first);
     seal__put_be64(aad + 16, last);
-}
-
-/* fsync the directory holding PATH, so a just-created entry survives a power cut. */
-static int seal__fsync_dir(const char *path)
-{
-    char *copy = strdup(path);
-    if (!copy)
-        return -1;
-    int fd = open(dirname(copy), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-    free(copy);
-    if (fd < 0)
-        return -1;
-    int rc = fsync(fd);
-    int saved = errno;
-    close(fd);
-    errno = saved;
-    return rc;
 }
 
 int agent_seal_load(const char *path, struct agent_seal **out, char *err, size_t errlen)
@@ -216,7 +199,7 @@ int agent_seal_keygen(const char *path, char *err, size_t errlen)
         goto fail;
     }
     fd = -1;
-    if (seal__fsync_dir(path) != 0) {
+    if (cis_fsync_parent(path) != 0) {
         cis_set_err(err, errlen, "%s: fsync of its directory: %s", path, strerror(errno));
         ret = CIS_EIO;
         goto fail;

@@ -24,6 +24,7 @@
 #include <unistd.h>
 
 #include "cistern/err.h"
+#include "cistern/fsync.h"
 #include "cistern/log.h"
 
 #define RECOVER_WHY_LEN 512
@@ -83,18 +84,6 @@ static int recover__unlink(const char *path)
 static int recover__rename_if(const char *from, const char *to)
 {
     return rename(from, to) == 0 || errno == ENOENT ? 0 : -1;
-}
-
-static int recover__fsync_path(const char *path, int dir)
-{
-    int fd = open(path, O_RDONLY | O_CLOEXEC | (dir ? O_DIRECTORY : 0));
-    if (fd < 0)
-        return -1;
-    int rc = fsync(fd);
-    int saved = errno;
-    close(fd);
-    errno = saved;
-    return rc;
 }
 
 /* PATH itself or, if it is a symlink, the file it points to: SQLite follows a symlinked database
@@ -567,7 +556,7 @@ static int recover__quarantine(const struct agent_spool_opts *o, struct recover_
         goto fail;
     }
     recover__unlink(nm->nshm);
-    if (recover__fsync_path(nm->n, 0) || recover__fsync_path(nm->dir, 1)) {
+    if (cis_fsync_path(nm->n, 0) || cis_fsync_path(nm->dir, 1)) {
         cis_set_err(err, errlen, "%s: fsync: %s", nm->n, strerror(errno));
         ret = CIS_EIO;
         goto fail;
@@ -581,7 +570,7 @@ static int recover__quarantine(const struct agent_spool_opts *o, struct recover_
             ret = CIS_EIO;
             goto fail;
         }
-        if (linked && recover__fsync_path(nm->dir, 1)) {
+        if (linked && cis_fsync_path(nm->dir, 1)) {
             cis_set_err(err, errlen, "%s: fsync: %s", nm->dir, strerror(errno));
             ret = CIS_EIO;
             goto fail;
@@ -608,7 +597,7 @@ static int recover__quarantine(const struct agent_spool_opts *o, struct recover_
         goto fail;
     }
     /* Step 5. */
-    if (recover__fsync_path(nm->dir, 1))
+    if (cis_fsync_path(nm->dir, 1))
         cis_warn("[spool] fsync %s: %s (the quarantine may not survive a power cut; it resumes "
                  "at the next start if so)",
                  nm->dir, strerror(errno));

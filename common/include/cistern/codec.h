@@ -71,6 +71,11 @@ struct cis_decoded_batch {
     size_t nrecords;
 };
 
+/* 1 when C may appear in an agent id (A-Z a-z 0-9 . _ : @ -), the rule the decoder applies.
+ * The id also becomes an MQTT topic level and a certificate's CN: none of these characters
+ * has a meaning there. */
+int cis_agent_id_char_ok(int c);
+
 /* Decode untrusted bytes. Checks: header present, agent_id non-empty and printable,
  * epoch non-zero, every segment's seq range consistent with its record count, records in
  * each segment exactly first_seq..last_seq in order, declared raw sizes and actual
