@@ -548,17 +548,17 @@ make_pki() {
     done
 }
 check "made a throwaway CA, server cert (127.0.0.1) and device cert (CN=$agent_id)" make_pki
-# The technician puts them where the shipped configs look: keys readable by group cistern.
-put() { # put SRC DEST MODE
-    install -m "$3" -o root -g cistern "$tmp/pki/$1" "/etc/cistern/$2" || fail "install /etc/cistern/$2"
+# The technician puts them where the shipped configs look: keys 0600, owned by cistern.
+put() { # put SRC DEST MODE [OWNER]
+    install -m "$3" -o "${4:-root}" -g "${4:-root}" "$tmp/pki/$1" "/etc/cistern/$2" || fail "install /etc/cistern/$2"
     etc_files+=("/etc/cistern/$2")
 }
 put ca.pem ca.pem 0644
 put ca.pem devices-ca.pem 0644
 put server.pem server.pem 0644
-put server.key server.key 0640
+put server.key server.key 0600 cistern
 put device.pem device.pem 0644
-put device.key device.key 0640
+put device.key device.key 0600 cistern
 ok "certificates in /etc/cistern: $(cd /etc/cistern && echo *.pem *.key)"
 
 rport=$(helper free_port) && aport=$(helper free_port) && tport=$(helper free_port) || fail "free ports"
