@@ -14,6 +14,7 @@
 #include "cistern/backoff.h"
 #include "cistern/err.h"
 #include "cistern/log.h"
+#include "enroll.h"
 #include "seal.h"
 #include "spool.h"
 
@@ -346,6 +347,7 @@ static void usage(FILE *f)
             "       cistern-agent --check-config FILE\n"
             "       cistern-agent status [--config FILE] [--json] [--watch] [--interval DUR]\n"
             "       cistern-agent keygen FILE\n"
+            "       cistern-agent enroll --id ID [--key FILE] [--csr FILE] [--force]\n"
             "\n"
             "Collects records from local inputs, keeps them in an SQLite spool, and forwards\n"
             "them to a cistern-receiver. A source is told OK only after its record committed.\n"
@@ -359,6 +361,8 @@ static void usage(FILE *f)
             "  status                   what the spool holds, the link, the losses (see status --help)\n"
             "  keygen FILE              write a new spool.encryption_key_file (32 random bytes,\n"
             "                           mode 0600); never overwrites\n"
+            "  enroll --id ID           make the device key (ECDSA P-256, mode 0600) and a CSR\n"
+            "                           with CN=ID, print its fingerprint (see enroll --help)\n"
             "\n"
             "Signals: SIGTERM/SIGINT stop inputs, commit, keep delivering for up to\n"
             "forward.shutdown_timeout while the receiver takes batches, and exit 0.\n"
@@ -509,6 +513,8 @@ int main(int argc, char **argv)
 
     if (argc > 1 && strcmp(argv[1], "status") == 0)
         return agent_status_main(argc - 1, argv + 1);
+    if (argc > 1 && strcmp(argv[1], "enroll") == 0)
+        return agent_enroll_main(argc - 1, argv + 1);
     if (argc > 1 && strcmp(argv[1], "keygen") == 0) {
         if (argc != 3 || argv[2][0] == '-') {
             fprintf(stderr, "usage: cistern-agent keygen FILE\n");

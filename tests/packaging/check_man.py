@@ -27,7 +27,7 @@ PAGES = {
     # page: (config sources, option sources) relative to the source dir
     "cistern-agent.yaml.5": (["edge-agent/agent_config.c"], []),
     "cistern-receiver.yaml.5": (["cloud-receiver"], []),
-    "cistern-agent.8": ([], ["edge-agent/main.c", "edge-agent/status.c"]),
+    "cistern-agent.8": ([], ["edge-agent/main.c", "edge-agent/status.c", "edge-agent/enroll.c"]),
     "cistern-receiver.8": ([], ["cloud-receiver/main.c"]),
 }
 
