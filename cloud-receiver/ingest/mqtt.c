@@ -30,6 +30,7 @@
 #define MAX_WORK 256                        /* batches waiting for the store */
 #define MAX_WORK_BYTES (UINT64_C(64) << 20) /* and their bytes, at most */
 #define ACK_CONTENT_TYPE "application/json"
+#define ACK_PUBACK_WAIT_MS 5000 /* the next ack waits this long at most for the last's PUBACK */
 
 /* A batch handed from Paho's receive thread to ours. */
 struct work {
@@ -84,6 +85,8 @@ struct recv_mqtt {
     int64_t ready_at;   /* when the subscription last succeeded */
     int disconnect_done;
     int in_callback;    /* messageArrived calls running */
+    int ack_busy;       /* an ack PUBLISH has no PUBACK yet: the next waits (see publish_ack) */
+    int64_t ack_deadline;
     struct work *work, **work_tail; /* FIFO: filled by messageArrived, drained by our thread */
     size_t nwork;
     uint64_t work_bytes;
@@ -374,16 +377,39 @@ static void on_disconnect_fail(void *ctx, MQTTAsync_failureData5 *resp)
     on_disconnect_done(ctx, NULL);
 }
 
+/* An ack's PUBACK (or its failure): the next ack may go. Only one is in flight, so no token
+ * is compared (the PUBACK may even come before MQTTAsync_sendMessage returns its token). */
+static void ack_done(struct conn *c)
+{
+    struct recv_mqtt *m = c->m;
+    pthread_mutex_lock(&m->mu);
+    if (c->gen == m->gen && m->ack_busy) {
+        m->ack_busy = 0;
+        wake(m);
+    }
+    pthread_mutex_unlock(&m->mu);
+}
+
+static void on_ack_ok(void *ctx, MQTTAsync_successData5 *resp)
+{
+    (void)resp;
+    ack_done(ctx);
+}
+
 static void on_ack_fail(void *ctx, MQTTAsync_failureData5 *resp)
 {
     struct conn *c = ctx;
     char buf[256];
 
-    /* A refusal by the broker comes with its reason code (>= 0x80). Anything else means Paho
-     * could not write the PUBLISH on a breaking connection, and then (1.3.12) keeps freed memory
-     * in this client's in-flight list: the client must never be reconnected nor destroyed (see
-     * client_close). */
-    if (resp == NULL || resp->reasonCode < MQTTREASONCODE_UNSPECIFIED_ERROR) {
+    ack_done(c);
+
+    /* A refusal by the broker comes with its reason code (>= 0x80). MQTTASYNC_FAILURE (Paho's
+     * SOCKET_ERROR) means Paho could not write the PUBLISH on a breaking connection, and then
+     * (1.3.12) keeps freed memory in this client's in-flight list: the client must never be
+     * reconnected nor destroyed (see client_close). A PUBLISH flushed with a lost connection
+     * (MQTTASYNC_OPERATION_INCOMPLETE and the like) leaves nothing behind. */
+    if (resp == NULL || (resp->reasonCode < MQTTREASONCODE_UNSPECIFIED_ERROR &&
+                         resp->code == MQTTASYNC_FAILURE)) {
         pthread_mutex_lock(&c->m->mu);
         c->poisoned = 1;
         pthread_mutex_unlock(&c->m->mu);
@@ -407,7 +433,11 @@ static int content_type_ok(const MQTTProperty *p)
 }
 
 /* Publish the ack for STATUS to TOPIC (QoS 1) with the batch's correlation data CD copied.
- * On our thread, without MU. */
+ * On our thread, without MU. One at a time: the next batch is handled once this ack has its
+ * PUBACK (or ACK_PUBACK_WAIT_MS passed, or the connection went), because Paho 1.3.12 leaves
+ * freed memory in a client whose PUBLISH write failed, and a write fails only after something
+ * was written into a connection the broker had already dropped: the ack written there gets no
+ * PUBACK, so no second one follows it (see client_close). */
 static void publish_ack(struct recv_mqtt *m, const char *topic, const MQTTProperty *cd, int status,
                         const struct recv_ingest_result *res, const char *why)
 {
@@ -438,9 +468,20 @@ static void publish_ack(struct recv_mqtt *m, const char *topic, const MQTTProper
     am.payloadlen = (int)b.len;
     am.qos = 1;
     am.retained = 0;
+    ro.onSuccess5 = on_ack_ok;
     ro.onFailure5 = on_ack_fail;
     ro.context = m->conn;
+    /* Busy before the call: its PUBACK may come back before MQTTAsync_sendMessage returns. */
+    pthread_mutex_lock(&m->mu);
+    m->ack_busy = 1;
+    m->ack_deadline = cis_mono_ms() + ACK_PUBACK_WAIT_MS;
+    pthread_mutex_unlock(&m->mu);
     rc = MQTTAsync_sendMessage(m->cli, topic, &am, &ro); /* copies what it keeps */
+    if (rc != MQTTASYNC_SUCCESS) {
+        pthread_mutex_lock(&m->mu);
+        m->ack_busy = 0;
+        pthread_mutex_unlock(&m->mu);
+    }
     if (rc != MQTTASYNC_SUCCESS)
         cis_debug("[mqtt] cannot publish the ack to %s: %s; the agent will re-send", topic,
                   MQTTAsync_strerror(rc));
@@ -835,6 +876,12 @@ static void *run(void *arg)
             continue;
         }
         if (m->work != NULL) {
+            /* The last ack first gets its PUBACK (see publish_ack). */
+            if (m->ack_busy && m->state == ST_READY && now < m->ack_deadline) {
+                wait_until(m, m->ack_deadline);
+                continue;
+            }
+            m->ack_busy = 0;
             handle_next(m);
             continue;
         }
