@@ -49,6 +49,22 @@ static const struct cis_cfg_key recv_keys[] = {
     {.path = "limits.connection_timeout", .type = CIS_CFG_DURATION,
      .offset = O(connection_timeout_ms), .def = "30s", .help = "idle connection timeout",
      .min = 1000, .max = INT64_C(86400000)},
+    {.path = "limits.max_header_size", .type = CIS_CFG_SIZE, .offset = O(max_header_size),
+     .def = "32KiB", .help = "memory for one request's line and headers; more is answered 431",
+     .min = 4096, .max = INT64_C(1) << 20},
+    {.path = "limits.max_connections_per_ip", .type = CIS_CFG_INT,
+     .offset = O(max_connections_per_ip), .def = "0",
+     .help = "concurrent connections from one address; 0: no limit (gateways behind one NAT "
+             "or a proxy share an address)", .min = 0, .max = 65536},
+    {.path = "limits.request_timeout", .type = CIS_CFG_DURATION, .offset = O(request_timeout_ms),
+     .def = "60s", .help = "time to send one whole request (headers and body), counted from "
+                          "the connection or the previous answer; then the connection is closed",
+     .min = 1000, .max = INT64_C(86400000)},
+    {.path = "limits.rate", .type = CIS_CFG_INT, .offset = O(rate), .def = "50",
+     .help = "batches per second from one client certificate CN; more is answered 429 with "
+             "Retry-After; 0: no limit", .min = 0, .max = 1000000},
+    {.path = "limits.rate_burst", .type = CIS_CFG_INT, .offset = O(rate_burst), .def = "100",
+     .help = "batches one CN may send at once above limits.rate", .min = 1, .max = 1000000},
     {.path = "mqtt.url", .type = CIS_CFG_STRING, .offset = O(mqtt_url),
      .help = "broker for MQTT ingest, ssl://host:8883 or mqtts://host:8883; unset: no MQTT"},
     {.path = "mqtt.group", .type = CIS_CFG_STRING, .offset = O(mqtt_group), .def = "cistern",

@@ -25,7 +25,12 @@ struct recv_config {
     uint64_t max_decompressed;
     int64_t max_records;
     int64_t max_connections;
-    int64_t connection_timeout_ms;
+    int64_t connection_timeout_ms;  /* idle: no byte either way for this long closes it */
+    uint64_t max_header_size;       /* per-connection memory for the request line and headers */
+    int64_t max_connections_per_ip; /* 0: no per-address limit */
+    int64_t request_timeout_ms;     /* whole request, from accept or the previous answer */
+    int64_t rate;                   /* batches per second per client certificate CN; 0: off */
+    int64_t rate_burst;             /* batches one CN may send at once before the rate applies */
     /* mqtt: ingest from a broker on a shared subscription; off while mqtt_url is NULL */
     char *mqtt_url;             /* ssl://host:8883 or mqtts://host:8883 */
     char *mqtt_group;           /* shared subscription group */

@@ -6,7 +6,7 @@ pkgs=(build-essential cmake pkg-config
       libsqlite3-dev libyaml-dev libzstd-dev libprotobuf-c-dev protobuf-c-compiler
       libcurl4-openssl-dev libmicrohttpd-dev libgnutls28-dev libmbedtls-dev libpaho-mqtt-dev libpq-dev
       libcmocka-dev python3 openssl sqlite3 curl mosquitto mosquitto-clients valgrind
-      man-db systemd)
+      man-db systemd slowhttptest)
 missing=()
 for p in "${pkgs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

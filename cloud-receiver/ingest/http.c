@@ -6,6 +6,7 @@
 #include <inttypes.h>
 #include <netdb.h>
 #include <netinet/in.h>
+#include <pthread.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -27,6 +28,7 @@
 
 #include "api.h"
 #include "ingest/ingest.h"
+#include "ingest/ratelimit.h"
 
 #define PEM_MAX (1024 * 1024)
 #define TLS_PRIORITIES "NORMAL:-VERS-ALL:+VERS-TLS1.3:+VERS-TLS1.2"
@@ -48,6 +50,28 @@ struct recv_http {
     struct recv_ingest_ctx ingest; /* decode, check, store: shared with the MQTT ingest */
     char *key_pem, *cert_pem, *ca_pem;
     int inflight; /* requests between first handler call and completion; atomic */
+    /* limits.rate: one token bucket per client certificate CN; NULL when off */
+    struct recv_rate *rate;
+    /* limits.request_timeout: every open connection of both listeners, and the sweeper thread
+     * that shuts down those that take longer to send one request (slowloris, slow bodies) */
+    int64_t request_timeout_ms;
+    pthread_mutex_t conn_mu;
+    pthread_cond_t conn_cv;
+    struct conn *conns;
+    int sweeper_on, stopping, cutting;
+    int64_t last_cut_ms;
+    uint64_t cut_total;
+    pthread_t sweeper;
+};
+
+/* Per-connection state (MHD's socket_context), on recv_http's list while the socket is open:
+ * MHD reports the close before it closes the socket, so the fd here is always ours. */
+struct conn {
+    struct conn *prev, *next;
+    int fd;
+    int64_t since_ms; /* accept, or the last answer: the current request's clock; atomic */
+    int answering;    /* a response is queued: the request is in, not ours to cut; atomic */
+    int cut;          /* shut down by the sweeper */
 };
 
 enum route { R_NONE, R_BATCHES, R_AGENTS, R_RECORDS, R_GAPS, R_LOSSES, R_HEALTHZ };
@@ -89,9 +113,23 @@ static enum MHD_Result queue_buf(struct MHD_Connection *c, unsigned status, stru
     return ret;
 }
 
+/* The connection's state (socket_context), or NULL. */
+static struct conn *conn_of(struct MHD_Connection *c)
+{
+    const union MHD_ConnectionInfo *ci =
+        MHD_get_connection_info(c, MHD_CONNECTION_INFO_SOCKET_CONTEXT);
+
+    return ci != NULL ? ci->socket_context : NULL;
+}
+
 static enum MHD_Result answer(struct req *r, struct MHD_Connection *c, unsigned status,
                               struct recv_buf *b, const char *hname, const char *hval)
 {
+    struct conn *k = conn_of(c);
+
+    /* The request is in: the time to process and send the answer is not the client's. */
+    if (k != NULL)
+        __atomic_store_n(&k->answering, 1, __ATOMIC_SEQ_CST);
     r->answered = 1;
     return queue_buf(c, status, b, hname, hval);
 }
@@ -107,8 +145,89 @@ static enum MHD_Result answer_error(struct req *r, struct MHD_Connection *c, uns
 
 /* ---- client identity ---- */
 
+/* A refused client certificate is logged once per client, certificate and reason every
+ * CERT_LOG_EVERY_MS: a gateway retries every few seconds, and its technician needs the first
+ * line, not a flood. The table is shared by the connection threads. */
+#define CERT_LOG_SLOTS 64
+#define CERT_LOG_EVERY_MS (10 * 60 * 1000)
+static pthread_mutex_t cert_log_mu = PTHREAD_MUTEX_INITIALIZER;
+static struct {
+    uint64_t key;
+    int64_t at;
+} cert_log[CERT_LOG_SLOTS];
+
+static int cert_log_due(const char *who, const char *why)
+{
+    uint64_t k = 1469598103934665603ULL; /* FNV-1a */
+    int64_t now = cis_mono_ms();
+    size_t slot = 0;
+    int due = 1;
+
+    for (const char *p = who; *p; p++)
+        k = (k ^ (unsigned char)*p) * 1099511628211ULL;
+    for (const char *p = why; *p; p++)
+        k = (k ^ (unsigned char)*p) * 1099511628211ULL;
+    pthread_mutex_lock(&cert_log_mu);
+    for (size_t i = 0; i < CERT_LOG_SLOTS; i++) {
+        if (cert_log[i].key == k) {
+            slot = i;
+            due = now - cert_log[i].at >= CERT_LOG_EVERY_MS;
+            break;
+        }
+        if (cert_log[i].at < cert_log[slot].at)
+            slot = i; /* the oldest slot, if the key is new */
+    }
+    if (due) {
+        cert_log[slot].key = k;
+        cert_log[slot].at = now;
+    }
+    pthread_mutex_unlock(&cert_log_mu);
+    return due;
+}
+
+static void utc_date(time_t t, char *out, size_t outlen)
+{
+    struct tm tm;
+
+    if (t == (time_t)-1 || gmtime_r(&t, &tm) == NULL ||
+        strftime(out, outlen, "%Y-%m-%d %H:%M:%S UTC", &tm) == 0)
+        snprintf(out, outlen, "an unreadable date");
+}
+
+/* Which check a client certificate failed (gnutls_certificate_verify_peers2 STATUS), in
+ * words for the log and the 401 answer. */
+static void cert_refusal(gnutls_x509_crt_t crt, unsigned status, char *why, size_t whylen)
+{
+    char date[64];
+
+    if (status & GNUTLS_CERT_EXPIRED) {
+        utc_date(crt ? gnutls_x509_crt_get_expiration_time(crt) : (time_t)-1, date, sizeof date);
+        snprintf(why, whylen, "client certificate expired on %s", date);
+    } else if (status & GNUTLS_CERT_NOT_ACTIVATED) {
+        utc_date(crt ? gnutls_x509_crt_get_activation_time(crt) : (time_t)-1, date, sizeof date);
+        snprintf(why, whylen, "client certificate is not valid before %s", date);
+    } else if (status & GNUTLS_CERT_SIGNER_NOT_FOUND) {
+        snprintf(why, whylen, "client certificate %s",
+                 crt && gnutls_x509_crt_check_issuer(crt, crt)
+                     ? "is self-signed"
+                     : "is not signed by a CA in listen.tls.client_ca_file");
+    } else if (status & GNUTLS_CERT_SIGNER_NOT_CA) {
+        snprintf(why, whylen, "client certificate's signer is not a CA");
+    } else if (status & GNUTLS_CERT_REVOKED) {
+        snprintf(why, whylen, "client certificate is revoked");
+    } else if (status & GNUTLS_CERT_INSECURE_ALGORITHM) {
+        snprintf(why, whylen, "client certificate uses an insecure algorithm");
+    } else if (status & GNUTLS_CERT_PURPOSE_MISMATCH) {
+        snprintf(why, whylen, "client certificate is not for client authentication");
+    } else if (status & GNUTLS_CERT_SIGNATURE_FAILURE) {
+        snprintf(why, whylen, "client certificate's signature does not verify");
+    } else {
+        snprintf(why, whylen, "client certificate not verified (status 0x%x)", status);
+    }
+}
+
 /* Verify the peer certificate against the client CA and copy its CN into CN.
- * Returns 0, or -1 with a reason in WHY. */
+ * Returns 0, or -1 with a reason in WHY (a refused certificate is also logged, rate-limited). */
 static int client_cn(struct MHD_Connection *c, char *cn, size_t cnlen, char *why, size_t whylen)
 {
     const union MHD_ConnectionInfo *ci;
@@ -129,25 +248,52 @@ static int client_cn(struct MHD_Connection *c, char *cn, size_t cnlen, char *why
         snprintf(why, whylen, "client certificate required");
         return -1;
     }
-    rc = gnutls_certificate_verify_peers2(sess, &status);
-    if (rc == GNUTLS_E_NO_CERTIFICATE_FOUND) {
-        snprintf(why, whylen, "client certificate required");
-        return -1;
-    }
-    if (rc < 0 || status != 0) {
-        snprintf(why, whylen, "client certificate not verified");
-        return -1;
-    }
     certs = gnutls_certificate_get_peers(sess, &n);
     if (certs == NULL || n == 0) {
         snprintf(why, whylen, "client certificate required");
         return -1;
     }
+    /* Read the leaf before verifying it: a refusal names its CN and dates. */
     if (gnutls_x509_crt_init(&crt) < 0)
         goto out;
-    if (gnutls_x509_crt_import(crt, &certs[0], GNUTLS_X509_FMT_DER) < 0 ||
-        gnutls_x509_crt_get_dn_by_oid(crt, GNUTLS_OID_X520_COMMON_NAME, 0, 0, cn, &sz) < 0 ||
-        cn[0] == '\0') {
+    if (gnutls_x509_crt_import(crt, &certs[0], GNUTLS_X509_FMT_DER) < 0) {
+        gnutls_x509_crt_deinit(crt);
+        crt = NULL;
+    }
+    if (crt == NULL ||
+        gnutls_x509_crt_get_dn_by_oid(crt, GNUTLS_OID_X520_COMMON_NAME, 0, 0, cn, &sz) < 0)
+        cn[0] = '\0';
+    rc = gnutls_certificate_verify_peers2(sess, &status);
+    if (rc == GNUTLS_E_NO_CERTIFICATE_FOUND) {
+        snprintf(why, whylen, "client certificate required");
+        goto out;
+    }
+    if (rc < 0 || status != 0) {
+        const union MHD_ConnectionInfo *ai =
+            MHD_get_connection_info(c, MHD_CONNECTION_INFO_CLIENT_ADDRESS);
+        char ip[INET6_ADDRSTRLEN] = "?", who[INET6_ADDRSTRLEN + 80];
+
+        if (rc < 0)
+            snprintf(why, whylen, "client certificate not verified (%s)", gnutls_strerror(rc));
+        else
+            cert_refusal(crt, status, why, whylen);
+        if (ai != NULL && ai->client_addr != NULL) {
+            const struct sockaddr *sa = ai->client_addr;
+            if (sa->sa_family == AF_INET)
+                inet_ntop(AF_INET, &((const struct sockaddr_in *)sa)->sin_addr, ip, sizeof ip);
+            else if (sa->sa_family == AF_INET6)
+                inet_ntop(AF_INET6, &((const struct sockaddr_in6 *)sa)->sin6_addr, ip, sizeof ip);
+        }
+        snprintf(who, sizeof who, "%s CN=%s", ip, cn[0] ? cn : "(none)");
+        if (cert_log_due(who, why))
+            cis_warn("[http] refused the client certificate of %s: %s (answered 401; logged "
+                     "once per client and reason every 10 minutes)", who, why);
+        else
+            cis_debug("[http] refused the client certificate of %s: %s", who, why);
+        cn[0] = '\0';
+        goto out;
+    }
+    if (crt == NULL || cn[0] == '\0') {
         snprintf(why, whylen, "client certificate has no usable CN");
         goto out;
     }
@@ -325,43 +471,72 @@ static enum MHD_Result batch_data(struct req *r, const char *data, size_t n)
     return MHD_YES;
 }
 
-static enum MHD_Result batch_end(struct req *r, struct MHD_Connection *c)
+/* The whole answer to a POST /v1/batches once its body is in, without libmicrohttpd (the
+ * fuzz target calls it). The checks batch_begin made on the headers are made again: they cost
+ * nothing and keep this function whole on its own. */
+int recv_http_batch(const struct recv_ingest_ctx *ctx, const char *content_type,
+                    const uint8_t *body, size_t len, const char *identity, struct recv_buf *answer)
 {
-    struct recv_http *h = r->l->h;
     struct recv_ingest_result res;
     char why[600];
-    enum MHD_Result ret;
-    unsigned status;
+    int status;
 
-    if (r->too_big)
-        return answer_error(r, c, MHD_HTTP_CONTENT_TOO_LARGE, "request body too large", NULL,
-                            NULL);
-    switch (recv_ingest_batch(&h->ingest, r->body, r->len, r->l->tls ? r->cn : NULL, &res, why,
-                              sizeof why)) {
+    memset(answer, 0, sizeof *answer);
+    if (!content_type_ok(content_type)) {
+        recv_json_error(answer, "Content-Type must be " CIS_BATCH_CONTENT_TYPE);
+        return MHD_HTTP_UNSUPPORTED_MEDIA_TYPE;
+    }
+    if (ctx->max_body > 0 && len > ctx->max_body) {
+        recv_json_error(answer, "request body too large");
+        return MHD_HTTP_CONTENT_TOO_LARGE;
+    }
+    switch (recv_ingest_batch(ctx, body, len, identity, &res, why, sizeof why)) {
     case RECV_INGEST_OK:
         cis_debug("[http] batch from %s epoch %" PRIu64 ": %" PRIu64 " accepted, %" PRIu64
                   " duplicates",
                   res.agent_id, res.epoch, res.accepted, res.duplicates);
-        ret = answer(r, c, MHD_HTTP_OK, &res.answer, NULL, NULL);
+        *answer = res.answer; /* the answer moves to the caller */
+        memset(&res.answer, 0, sizeof res.answer);
+        status = MHD_HTTP_OK;
         break;
     case RECV_INGEST_RETRY:
         /* 503: nothing was committed; the agent keeps the batch and retries. */
-        ret = answer_error(r, c, MHD_HTTP_SERVICE_UNAVAILABLE, why, MHD_HTTP_HEADER_RETRY_AFTER,
-                           "5");
+        recv_json_error(answer, why);
+        status = MHD_HTTP_SERVICE_UNAVAILABLE;
         break;
     default:
         if (res.reject == RECV_REJECT_IDENTITY) {
             cis_debug("[http] batch rejected: %s", why);
             status = MHD_HTTP_FORBIDDEN;
         } else {
-            cis_debug("[http] batch rejected (%s): %s", r->cn[0] ? r->cn : "-", why);
+            cis_debug("[http] batch rejected (%s): %s", identity != NULL ? identity : "-", why);
             status = res.reject == RECV_REJECT_TOO_BIG ? MHD_HTTP_CONTENT_TOO_LARGE
                                                        : MHD_HTTP_BAD_REQUEST;
         }
-        ret = answer_error(r, c, status, why, NULL, NULL);
+        recv_json_error(answer, why);
         break;
     }
     recv_ingest_result_free(&res);
+    return status;
+}
+
+static enum MHD_Result batch_end(struct req *r, struct MHD_Connection *c)
+{
+    struct recv_http *h = r->l->h;
+    struct recv_buf b;
+    enum MHD_Result ret;
+    int status;
+
+    if (r->too_big)
+        return answer_error(r, c, MHD_HTTP_CONTENT_TOO_LARGE, "request body too large", NULL,
+                            NULL);
+    status = recv_http_batch(&h->ingest,
+                             MHD_lookup_connection_value(c, MHD_HEADER_KIND,
+                                                         MHD_HTTP_HEADER_CONTENT_TYPE),
+                             r->body, r->len, r->l->tls ? r->cn : NULL, &b);
+    ret = answer(r, c, (unsigned)status, &b,
+                 status == MHD_HTTP_SERVICE_UNAVAILABLE ? MHD_HTTP_HEADER_RETRY_AFTER : NULL,
+                 "5");
     free(r->body);
     r->body = NULL;
     r->len = r->cap = 0;
@@ -418,6 +593,18 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const cha
                             MHD_HTTP_HEADER_ALLOW, "GET, HEAD");
     if (l->tls && client_cn(c, r->cn, sizeof r->cn, why, sizeof why) != 0)
         return answer_error(r, c, MHD_HTTP_UNAUTHORIZED, why, NULL, NULL);
+    if (rt == R_BATCHES && l->tls && l->h->rate != NULL) {
+        /* limits.rate, on the headers alone: a refused batch costs no read, decode or store. */
+        int64_t wait = recv_rate_take(l->h->rate, r->cn, cis_mono_ms());
+        if (wait > 0) {
+            char ra[24];
+            snprintf(ra, sizeof ra, "%lld", (long long)((wait + 999) / 1000));
+            cis_debug("[http] %s is over limits.rate: 429, Retry-After %s", r->cn, ra);
+            return answer_error(r, c, MHD_HTTP_TOO_MANY_REQUESTS,
+                                "too many batches from this client (limits.rate)",
+                                MHD_HTTP_HEADER_RETRY_AFTER, ra);
+        }
+    }
     if (rt == R_BATCHES)
         return batch_begin(r, c);
     return serve_get(r, c, rt, id);
@@ -428,7 +615,14 @@ static void on_completed(void *cls, struct MHD_Connection *c, void **con_cls,
 {
     struct listener *l = cls;
     struct req *r = *con_cls;
+    struct conn *k = conn_of(c);
 
+    (void)toe;
+    if (k != NULL) {
+        /* The next request on this keep-alive connection starts its own clock. */
+        __atomic_store_n(&k->since_ms, cis_mono_ms(), __ATOMIC_SEQ_CST);
+        __atomic_store_n(&k->answering, 0, __ATOMIC_SEQ_CST);
+    }
     if (r == NULL)
         return;
     free(r->body);
@@ -437,7 +631,100 @@ static void on_completed(void *cls, struct MHD_Connection *c, void **con_cls,
     __atomic_sub_fetch(&l->h->inflight, 1, __ATOMIC_SEQ_CST);
 }
 
-static void on_mhd_log(void *cls, const char *fmt, va_list ap)
+/* MHD_OPTION_NOTIFY_CONNECTION: keep every open connection on H's list, from accept (before
+ * the TLS handshake and the headers, which no request callback sees) until MHD closes it. */
+static void on_connection(void *cls, struct MHD_Connection *c, void **socket_context,
+                          enum MHD_ConnectionNotificationCode toe)
+{
+    struct recv_http *h = cls;
+    struct conn *k = *socket_context;
+
+    if (toe == MHD_CONNECTION_NOTIFY_STARTED) {
+        const union MHD_ConnectionInfo *ci =
+            MHD_get_connection_info(c, MHD_CONNECTION_INFO_CONNECTION_FD);
+        if (ci == NULL || (k = calloc(1, sizeof *k)) == NULL)
+            return; /* untracked: only the idle timeout applies to it */
+        k->fd = ci->connect_fd;
+        k->since_ms = cis_mono_ms();
+        pthread_mutex_lock(&h->conn_mu);
+        k->next = h->conns;
+        if (h->conns != NULL)
+            h->conns->prev = k;
+        h->conns = k;
+        pthread_mutex_unlock(&h->conn_mu);
+        *socket_context = k;
+    } else if (toe == MHD_CONNECTION_NOTIFY_CLOSED && k != NULL) {
+        /* Unlinked before MHD closes the socket, so the sweeper never touches a reused fd. */
+        pthread_mutex_lock(&h->conn_mu);
+        if (k->prev != NULL)
+            k->prev->next = k->next;
+        else
+            h->conns = k->next;
+        if (k->next != NULL)
+            k->next->prev = k->prev;
+        pthread_mutex_unlock(&h->conn_mu);
+        free(k);
+        *socket_context = NULL;
+    }
+}
+
+/* Shut down the connections that have taken longer than limits.request_timeout to send one
+ * request; their MHD thread sees the socket end and closes it. Called with conn_mu held. */
+static void sweep(struct recv_http *h)
+{
+    int64_t now = cis_mono_ms();
+    unsigned n = 0;
+
+    for (struct conn *k = h->conns; k != NULL; k = k->next) {
+        if (k->cut || __atomic_load_n(&k->answering, __ATOMIC_SEQ_CST) ||
+            now - __atomic_load_n(&k->since_ms, __ATOMIC_SEQ_CST) <= h->request_timeout_ms)
+            continue;
+        shutdown(k->fd, SHUT_RDWR);
+        k->cut = 1;
+        n++;
+    }
+    h->cut_total += n;
+    /* Once when it starts and once when it has stopped for 30 s, not once per connection. */
+    if (n > 0) {
+        if (!h->cutting)
+            cis_warn("[http] closing connections that do not send a whole request within "
+                     "limits.request_timeout (%lld ms): slow clients, or a slowloris attack",
+                     (long long)h->request_timeout_ms);
+        h->cutting = 1;
+        h->last_cut_ms = now;
+    } else if (h->cutting && now - h->last_cut_ms > 30000) {
+        cis_info("[http] no slow connections for 30 s; %" PRIu64 " closed so far", h->cut_total);
+        h->cutting = 0;
+    }
+}
+
+static void *sweeper_main(void *arg)
+{
+    struct recv_http *h = arg;
+    /* A quarter of the timeout, at most 1 s: a slow connection is cut at most that late. */
+    int64_t every = h->request_timeout_ms / 4 < 1000 ? h->request_timeout_ms / 4 : 1000;
+
+    pthread_mutex_lock(&h->conn_mu);
+    while (!h->stopping) {
+        struct timespec ts;
+        clock_gettime(CLOCK_MONOTONIC, &ts);
+        ts.tv_sec += every / 1000;
+        ts.tv_nsec += (long)(every % 1000) * 1000000L;
+        if (ts.tv_nsec >= 1000000000L) {
+            ts.tv_sec++;
+            ts.tv_nsec -= 1000000000L;
+        }
+        pthread_cond_timedwait(&h->conn_cv, &h->conn_mu, &ts);
+        if (!h->stopping)
+            sweep(h);
+    }
+    pthread_mutex_unlock(&h->conn_mu);
+    return NULL;
+}
+
+/* libmicrohttpd's messages: FMT is its own printf format. */
+__attribute__((format(printf, 2, 0))) static void on_mhd_log(void *cls, const char *fmt,
+                                                             va_list ap)
 {
     char line[512];
     size_t n;
@@ -540,21 +827,31 @@ static int start_daemon(struct listener *l, const struct recv_config *cfg, char 
                      MHD_USE_POLL | MHD_USE_ITC | MHD_USE_ERROR_LOG;
     unsigned limit = (unsigned)cfg->max_connections;
     unsigned timeout = (unsigned)((cfg->connection_timeout_ms + 999) / 1000);
+    /* The ingest limits MHD enforces itself, before any callback: limits.max_header_size (its
+     * per-connection pool holds the request line and headers; more is answered 431) and
+     * limits.max_connections_per_ip; and the connection list limits.request_timeout needs. */
+    struct MHD_OptionItem opts[] = {
+        {MHD_OPTION_CONNECTION_MEMORY_LIMIT, (intptr_t)cfg->max_header_size, NULL},
+        {MHD_OPTION_PER_IP_CONNECTION_LIMIT, (intptr_t)cfg->max_connections_per_ip, NULL},
+        {MHD_OPTION_NOTIFY_CONNECTION, (intptr_t)on_connection, h},
+        {MHD_OPTION_END, 0, NULL},
+    };
 
     if (l->tls) {
         l->d = MHD_start_daemon(
             flags | MHD_USE_TLS, 0, NULL, NULL, on_request, l, MHD_OPTION_EXTERNAL_LOGGER,
             on_mhd_log, NULL, MHD_OPTION_LISTEN_SOCKET, l->fd, MHD_OPTION_NOTIFY_COMPLETED,
-            on_completed, l, MHD_OPTION_CONNECTION_LIMIT, limit, MHD_OPTION_CONNECTION_TIMEOUT, timeout,
+            on_completed, l, MHD_OPTION_ARRAY, opts,
+            MHD_OPTION_CONNECTION_LIMIT, limit, MHD_OPTION_CONNECTION_TIMEOUT, timeout,
             MHD_OPTION_HTTPS_MEM_KEY, h->key_pem, MHD_OPTION_HTTPS_MEM_CERT, h->cert_pem,
             MHD_OPTION_HTTPS_MEM_TRUST, h->ca_pem, MHD_OPTION_HTTPS_PRIORITIES, TLS_PRIORITIES,
             MHD_OPTION_END);
     } else {
         l->d = MHD_start_daemon(flags, 0, NULL, NULL, on_request, l, MHD_OPTION_EXTERNAL_LOGGER,
                                 on_mhd_log, NULL, MHD_OPTION_LISTEN_SOCKET, l->fd,
-                                MHD_OPTION_NOTIFY_COMPLETED, on_completed, l,
-                                MHD_OPTION_CONNECTION_LIMIT, limit, MHD_OPTION_CONNECTION_TIMEOUT,
-                                timeout, MHD_OPTION_END);
+                                MHD_OPTION_NOTIFY_COMPLETED, on_completed, l, MHD_OPTION_ARRAY,
+                                opts, MHD_OPTION_CONNECTION_LIMIT, limit,
+                                MHD_OPTION_CONNECTION_TIMEOUT, timeout, MHD_OPTION_END);
     }
     if (l->d == NULL) {
         snprintf(err, errlen, "cannot start %s listener on %s%s", l->tls ? "HTTPS" : "HTTP",
@@ -594,6 +891,14 @@ void recv_http_stop(struct recv_http *h, int grace_ms)
 
     if (h == NULL)
         return;
+    if (h->sweeper_on) {
+        pthread_mutex_lock(&h->conn_mu);
+        h->stopping = 1;
+        pthread_cond_signal(&h->conn_cv);
+        pthread_mutex_unlock(&h->conn_mu);
+        pthread_join(h->sweeper, NULL);
+        h->sweeper_on = 0;
+    }
     quiesce_listener(&h->main);
     quiesce_listener(&h->api);
     deadline = cis_mono_ms() + grace_ms;
@@ -603,6 +908,10 @@ void recv_http_stop(struct recv_http *h, int grace_ms)
     }
     stop_listener(&h->main);
     stop_listener(&h->api);
+    /* MHD reported every close while it stopped; nothing is left on the list. */
+    pthread_cond_destroy(&h->conn_cv);
+    pthread_mutex_destroy(&h->conn_mu);
+    recv_rate_destroy(h->rate);
     free(h->key_pem);
     free(h->cert_pem);
     free(h->ca_pem);
@@ -613,6 +922,7 @@ int recv_http_start(const struct recv_config *cfg, const struct recv_store_ops *
                     struct recv_store *st, struct recv_http **out, char *err, size_t errlen)
 {
     struct recv_http *h;
+    pthread_condattr_t ca;
     int rc;
 
     *out = NULL;
@@ -621,6 +931,13 @@ int recv_http_start(const struct recv_config *cfg, const struct recv_store_ops *
         snprintf(err, errlen, "out of memory");
         return CIS_ENOMEM;
     }
+    /* The sweeper waits on the monotonic clock, as limits.request_timeout is measured. */
+    pthread_mutex_init(&h->conn_mu, NULL);
+    pthread_condattr_init(&ca);
+    pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+    pthread_cond_init(&h->conn_cv, &ca);
+    pthread_condattr_destroy(&ca);
+    h->request_timeout_ms = cfg->request_timeout_ms;
     h->ops = ops;
     h->st = st;
     h->max_body = cfg->max_body;
@@ -656,6 +973,24 @@ int recv_http_start(const struct recv_config *cfg, const struct recv_store_ops *
         if (rc)
             goto out;
     }
+    if (cfg->rate > 0 && h->main.tls) {
+        /* Keys are client certificate CNs, so their number is the fleet's: 64k is plenty. */
+        rc = recv_rate_create(cfg->rate, cfg->rate_burst, 65536, &h->rate);
+        if (rc) {
+            snprintf(err, errlen, "limits.rate: %s", cis_strerror(rc));
+            goto out;
+        }
+    } else if (cfg->rate > 0) {
+        cis_info("[http] limits.rate does not apply to plain HTTP (no client identity before "
+                 "the body is decoded): the TLS proxy in front must rate limit");
+    }
+    rc = pthread_create(&h->sweeper, NULL, sweeper_main, h);
+    if (rc) {
+        snprintf(err, errlen, "cannot start the request timeout thread: %s", strerror(rc));
+        rc = CIS_EIO;
+        goto out;
+    }
+    h->sweeper_on = 1;
     rc = start_daemon(&h->main, cfg, err, errlen);
     if (rc)
         goto out;

@@ -4,7 +4,10 @@
 #define RECV_HTTP_H
 
 #include <stddef.h>
+#include <stdint.h>
 
+#include "api.h"
+#include "ingest/ingest.h"
 #include "recv_config.h"
 #include "store/store.h"
 
@@ -25,5 +28,15 @@ const char *recv_http_api_address(const struct recv_http *h);
 /* Stop accepting, let requests in progress finish (up to GRACE_MS), then stop and free.
  * Accepts NULL. */
 void recv_http_stop(struct recv_http *h, int grace_ms);
+
+/* POST /v1/batches once its body is in, without the network: the Content-Type check (415), the
+ * size check against CTX's max_body (413), then recv_ingest_batch() (decode, check, IDENTITY,
+ * NULL on plain HTTP, against the batch's agent id, store) and the status that says what became
+ * of it: 200, 400, 403, 413, or 503 (the caller adds "Retry-After: 5"). CONTENT_TYPE may be NULL
+ * (no header); BODY (LEN bytes) is borrowed. ANSWER receives the JSON body to send (the ingest
+ * answer, or {"error":...}); caller frees it with recv_buf_free (its oom flag set: none could be
+ * built). Thread-safe when CTX's store is. Returns the HTTP status. */
+int recv_http_batch(const struct recv_ingest_ctx *ctx, const char *content_type,
+                    const uint8_t *body, size_t len, const char *identity, struct recv_buf *answer);
 
 #endif

@@ -419,11 +419,11 @@ static void on_ack_fail(void *ctx, MQTTAsync_failureData5 *resp)
     cis_debug("[mqtt] ack not delivered: %s", failure_why(resp, buf, sizeof buf));
 }
 
-/* 1 when the Content Type property P names the batch type (parameters after ';' allowed). */
-static int content_type_ok(const MQTTProperty *p)
+/* 1 when the Content Type property S (LEN bytes) names the batch type (parameters after ';'
+ * allowed). */
+static int content_type_ok(const char *s, size_t len)
 {
-    size_t n = strlen(CIS_BATCH_CONTENT_TYPE), len = (size_t)p->value.data.len;
-    const char *s = p->value.data.data;
+    size_t n = strlen(CIS_BATCH_CONTENT_TYPE);
 
     if (s == NULL || len < n || strncasecmp(s, CIS_BATCH_CONTENT_TYPE, n) != 0)
         return 0;
@@ -432,23 +432,55 @@ static int content_type_ok(const MQTTProperty *p)
     return n == len || s[n] == ';';
 }
 
-/* Publish the ack for STATUS to TOPIC (QoS 1) with the batch's correlation data CD copied.
- * On our thread, without MU. One at a time: the next batch is handled once this ack has its
- * PUBACK (or ACK_PUBACK_WAIT_MS passed, or the connection went), because Paho 1.3.12 leaves
- * freed memory in a client whose PUBLISH write failed, and a write fails only after something
- * was written into a connection the broker had already dropped: the ack written there gets no
- * PUBACK, so no second one follows it (see client_close). */
-static void publish_ack(struct recv_mqtt *m, const char *topic, const MQTTProperty *cd, int status,
-                        const struct recv_ingest_result *res, const char *why)
+int recv_mqtt_handle(const struct recv_ingest_ctx *ctx, const char *prefix, const char *topic,
+                     size_t topic_len, const char *content_type, size_t ct_len,
+                     const uint8_t *payload, size_t len, struct recv_mqtt_outcome *out)
+{
+    static const uint8_t empty[1];
+    int tshow = (int)(topic_len > 200 ? 200 : topic_len);
+
+    memset(out, 0, sizeof *out);
+    if (recv_mqtt_topic_agent(prefix, topic, topic_len, out->agent, sizeof out->agent) != 0) {
+        snprintf(out->why, sizeof out->why, "topic '%.*s' is not %s/<agent_id>/batch", tshow,
+                 topic, prefix);
+        out->agent[0] = '\0';
+        out->status = RECV_INGEST_REJECTED;
+    } else if (content_type != NULL && !content_type_ok(content_type, ct_len)) {
+        snprintf(out->why, sizeof out->why, "Content Type must be " CIS_BATCH_CONTENT_TYPE);
+        out->status = RECV_INGEST_REJECTED;
+    } else {
+        /* The broker's ACL binds the topic to the gateway's identity; the batch must say the
+         * same agent id, whatever the broker let through. */
+        out->status = recv_ingest_batch(ctx, len > 0 ? payload : empty, len, out->agent,
+                                        &out->res, out->why, sizeof out->why);
+    }
+    recv_mqtt_ack_json(out->status, &out->res, out->why, &out->ack);
+    return out->status;
+}
+
+void recv_mqtt_outcome_free(struct recv_mqtt_outcome *o)
+{
+    if (o == NULL)
+        return;
+    recv_ingest_result_free(&o->res);
+    recv_buf_free(&o->ack);
+}
+
+/* Publish ACK (the payload recv_mqtt_handle built) to TOPIC (QoS 1) with the batch's correlation
+ * data CD copied. On our thread, without MU. One at a time: the next batch is handled once this
+ * ack has its PUBACK (or ACK_PUBACK_WAIT_MS passed, or the connection went), because Paho
+ * 1.3.12 leaves freed memory in a client whose PUBLISH write failed, and a write fails only
+ * after something was written into a connection the broker had already dropped: the ack
+ * written there gets no PUBACK, so no second one follows it (see client_close). */
+static void publish_ack(struct recv_mqtt *m, const char *topic, const MQTTProperty *cd,
+                        const struct recv_buf *ack)
 {
     MQTTAsync_message am = MQTTAsync_message_initializer;
     MQTTAsync_responseOptions ro = MQTTAsync_responseOptions_initializer;
     MQTTProperty p;
-    struct recv_buf b = {0};
     int rc;
 
-    recv_mqtt_ack_json(status, res, why, &b);
-    if (b.oom)
+    if (ack->oom || ack->p == NULL)
         goto nomem;
     /* MQTTProperties_add copies the bytes: the batch's own properties stay Paho's. */
     if (cd != NULL) {
@@ -464,8 +496,8 @@ static void publish_ack(struct recv_mqtt *m, const char *topic, const MQTTProper
     p.value.data.len = (int)strlen(ACK_CONTENT_TYPE);
     if (MQTTProperties_add(&am.properties, &p) != 0)
         goto nomem;
-    am.payload = b.p;
-    am.payloadlen = (int)b.len;
+    am.payload = ack->p;
+    am.payloadlen = (int)ack->len;
     am.qos = 1;
     am.retained = 0;
     ro.onSuccess5 = on_ack_ok;
@@ -490,47 +522,33 @@ nomem:
     cis_warn("[mqtt] out of memory building an ack for %s; the agent will re-send", topic);
 out:
     MQTTProperties_free(&am.properties);
-    recv_buf_free(&b);
 }
 
-/* One batch, on our thread: parse the topic, run the shared ingest (decode, check, the batch's
- * agent id against the topic's, store in one transaction), count, and answer. */
+/* One batch, on our thread: recv_mqtt_handle (the topic's agent id, the Content Type, the
+ * shared ingest: decode, check, the batch's agent id against the topic's, store in one
+ * transaction), count, and answer. */
 static void handle_batch(struct recv_mqtt *m, const char *topic, size_t tlen,
                          MQTTAsync_message *msg)
 {
-    static const uint8_t empty[1];
-    char agent[RECV_INGEST_AGENT_MAX], ack_topic[512], why[600] = "";
+    char ack_topic[512];
     const MQTTProperty *rt, *cd, *ct;
-    struct recv_ingest_result res;
+    struct recv_mqtt_outcome o;
     int status, answerable = 0, log_unanswered = 0, log_store = 0;
     int tshow = (int)(tlen > 200 ? 200 : tlen);
 
-    memset(&res, 0, sizeof res);
     rt = MQTTProperties_getProperty(&msg->properties, MQTTPROPERTY_CODE_RESPONSE_TOPIC);
     cd = MQTTProperties_getProperty(&msg->properties, MQTTPROPERTY_CODE_CORRELATION_DATA);
     ct = MQTTProperties_getProperty(&msg->properties, MQTTPROPERTY_CODE_CONTENT_TYPE);
-    agent[0] = '\0';
-    if (recv_mqtt_topic_agent(m->prefix, topic, tlen, agent, sizeof agent) != 0) {
-        snprintf(why, sizeof why, "topic '%.*s' is not %s/<agent_id>/batch", tshow, topic,
-                 m->prefix);
-        agent[0] = '\0';
-        status = RECV_INGEST_REJECTED;
-    } else if (ct != NULL && !content_type_ok(ct)) {
-        snprintf(why, sizeof why, "Content Type must be " CIS_BATCH_CONTENT_TYPE);
-        status = RECV_INGEST_REJECTED;
-    } else {
-        /* The broker's ACL binds the topic to the gateway's identity; the batch must say the
-         * same agent id, whatever the broker let through. */
-        status = recv_ingest_batch(&m->ingest,
-                                   msg->payloadlen > 0 ? msg->payload : (const void *)empty,
-                                   msg->payloadlen > 0 ? (size_t)msg->payloadlen : 0, agent, &res,
-                                   why, sizeof why);
-    }
+    status = recv_mqtt_handle(
+        &m->ingest, m->prefix, topic, tlen,
+        ct == NULL ? NULL : ct->value.data.data != NULL ? ct->value.data.data : "",
+        ct != NULL && ct->value.data.len > 0 ? (size_t)ct->value.data.len : 0, msg->payload,
+        msg->payloadlen > 0 ? (size_t)msg->payloadlen : 0, &o);
 
     /* Answer only on the sender's own ack topic: the receiver may write every agent's ack
      * topic, and must not be made to write on another agent's behalf. */
-    if (agent[0] != '\0' && rt != NULL) {
-        int n = snprintf(ack_topic, sizeof ack_topic, "%s/%s/ack", m->prefix, agent);
+    if (o.agent[0] != '\0' && rt != NULL) {
+        int n = snprintf(ack_topic, sizeof ack_topic, "%s/%s/ack", m->prefix, o.agent);
         answerable = n > 0 && (size_t)n < sizeof ack_topic && rt->value.data.len == n &&
                      memcmp(rt->value.data.data, ack_topic, (size_t)n) == 0;
     }
@@ -538,8 +556,8 @@ static void handle_batch(struct recv_mqtt *m, const char *topic, size_t tlen,
     pthread_mutex_lock(&m->mu);
     m->stats.batches++;
     if (status == RECV_INGEST_OK) {
-        m->stats.accepted += res.accepted;
-        m->stats.duplicates += res.duplicates;
+        m->stats.accepted += o.res.accepted;
+        m->stats.duplicates += o.res.duplicates;
         if (m->store_failing)
             log_store = -1;
         m->store_failing = 0;
@@ -561,11 +579,11 @@ static void handle_batch(struct recv_mqtt *m, const char *topic, size_t tlen,
     if (status == RECV_INGEST_OK)
         cis_debug("[mqtt] batch from %s epoch %" PRIu64 ": %" PRIu64 " accepted, %" PRIu64
                   " duplicates",
-                  res.agent_id, res.epoch, res.accepted, res.duplicates);
+                  o.res.agent_id, o.res.epoch, o.res.accepted, o.res.duplicates);
     else if (status == RECV_INGEST_REJECTED)
-        cis_debug("[mqtt] batch on %.*s rejected: %s", tshow, topic, why);
+        cis_debug("[mqtt] batch on %.*s rejected: %s", tshow, topic, o.why);
     if (log_store > 0)
-        cis_warn("[mqtt] store failing: %s; answering \"retry\" until it recovers", why);
+        cis_warn("[mqtt] store failing: %s; answering \"retry\" until it recovers", o.why);
     else if (log_store < 0)
         cis_info("[mqtt] store recovered: batches are stored again");
     if (log_unanswered)
@@ -579,8 +597,8 @@ static void handle_batch(struct recv_mqtt *m, const char *topic, size_t tlen,
                   topic);
 
     if (answerable)
-        publish_ack(m, ack_topic, cd, status, &res, why);
-    recv_ingest_result_free(&res);
+        publish_ack(m, ack_topic, cd, &o.ack);
+    recv_mqtt_outcome_free(&o);
 }
 
 static void work_free(struct work *w)

@@ -56,4 +56,28 @@ int recv_mqtt_topic_agent(const char *prefix, const char *topic, size_t len, cha
 void recv_mqtt_ack_json(int status, const struct recv_ingest_result *res, const char *why,
                         struct recv_buf *out);
 
+/* What recv_mqtt_handle() made of one batch message. */
+struct recv_mqtt_outcome {
+    int status;                        /* enum recv_ingest_status */
+    char agent[RECV_INGEST_AGENT_MAX]; /* the topic's agent id; "" when the topic does not parse */
+    char why[600];                     /* the reason for a rejection or a retry, "" when ok */
+    struct recv_ingest_result res;     /* the ingest's (zeroed when it did not run) */
+    struct recv_buf ack;               /* the ack payload, recv_mqtt_ack_json(); oom flag when
+                                        * it could not be built */
+};
+
+/* One batch message, without Paho: the agent id from TOPIC (TOPIC_LEN bytes, not
+ * NUL-terminated) under PREFIX, the Content Type property CONTENT_TYPE (CT_LEN bytes; NULL when
+ * the message has none) checked, then the shared ingest with the topic's agent id as the
+ * identity (decode, check, store), and the ack payload built. PAYLOAD (LEN bytes) is borrowed.
+ * OUT is always initialised; release it with recv_mqtt_outcome_free(). Whether the ack can be
+ * sent (the Response Topic) is the caller's business. Thread-safe when CTX's store is.
+ * Returns OUT->status (enum recv_ingest_status). */
+int recv_mqtt_handle(const struct recv_ingest_ctx *ctx, const char *prefix, const char *topic,
+                     size_t topic_len, const char *content_type, size_t ct_len,
+                     const uint8_t *payload, size_t len, struct recv_mqtt_outcome *out);
+
+/* Free what recv_mqtt_handle() left in O. Accepts NULL and a zeroed outcome. */
+void recv_mqtt_outcome_free(struct recv_mqtt_outcome *o);
+
 #endif
