@@ -21,6 +21,11 @@ struct xfer {
     char resp[RESP_MAX];
     size_t resp_len;
     char errbuf[CURL_ERROR_SIZE];
+    /* After a refused server certificate: a second handshake that only reads the certificate
+     * (no verification, no request) so the words can name its dates and names. */
+    CURL *diag;
+    CURLcode rc;       /* the transfer's result, kept while diag runs */
+    long verify;       /* CURLINFO_SSL_VERIFYRESULT of the transfer */
 };
 
 struct https {
@@ -98,6 +103,146 @@ static const char *explain(CURLcode rc)
     }
 }
 
+/* OpenSSL's X509_V_ERR_* values (x509_vfy.h; stable across releases), as libcurl reports them
+ * in CURLINFO_SSL_VERIFYRESULT when its TLS backend is OpenSSL, as on Debian. Spelled out
+ * here so the agent needs no OpenSSL headers. */
+enum {
+    OSSL_V_UNABLE_TO_GET_ISSUER_CERT = 2,
+    OSSL_V_CERT_NOT_YET_VALID = 9,
+    OSSL_V_CERT_HAS_EXPIRED = 10,
+    OSSL_V_DEPTH_ZERO_SELF_SIGNED_CERT = 18,
+    OSSL_V_SELF_SIGNED_CERT_IN_CHAIN = 19,
+    OSSL_V_UNABLE_TO_GET_ISSUER_CERT_LOCALLY = 20,
+    OSSL_V_UNABLE_TO_VERIFY_LEAF_SIGNATURE = 21,
+    OSSL_V_INVALID_PURPOSE = 26,
+    OSSL_V_HOSTNAME_MISMATCH = 62,
+    OSSL_V_IP_ADDRESS_MISMATCH = 64,
+};
+
+static int backend_is_openssl(void)
+{
+    const curl_version_info_data *v = curl_version_info(CURLVERSION_NOW);
+    return v && v->ssl_version && strncmp(v->ssl_version, "OpenSSL", 7) == 0;
+}
+
+/* The value of field NAME ("Expire date") of the leaf certificate the diagnostic handshake
+ * read, or "" when there is none. Borrows from X's certinfo. */
+static const char *leaf_field(struct xfer *x, const char *name)
+{
+    struct curl_certinfo *ci = NULL;
+    size_t n = strlen(name);
+
+    if (!x->diag || curl_easy_getinfo(x->diag, CURLINFO_CERTINFO, &ci) != CURLE_OK || !ci ||
+        ci->num_of_certs < 1)
+        return "";
+    for (struct curl_slist *l = ci->certinfo[0]; l; l = l->next)
+        if (strncmp(l->data, name, n) == 0 && l->data[n] == ':')
+            return l->data + n + 1;
+    return "";
+}
+
+/* The host part of forward.url, for the hostname-mismatch words. */
+static void url_host(const char *url, char *out, size_t outlen)
+{
+    CURLU *u = curl_url();
+    char *host = NULL;
+
+    snprintf(out, outlen, "the host in forward.url");
+    if (u && curl_url_set(u, CURLUPART_URL, url, 0) == CURLUE_OK &&
+        curl_url_get(u, CURLUPART_HOST, &host, 0) == CURLUE_OK)
+        snprintf(out, outlen, "%s", host);
+    curl_free(host);
+    curl_url_cleanup(u);
+}
+
+static int errbuf_has(const struct xfer *x, const char *what)
+{
+    return strstr(x->errbuf, what) != NULL;
+}
+
+static void hostname_words(struct xfer *x, char *out, size_t outlen)
+{
+    char host[256];
+    const char *v = leaf_field(x, "X509v3 Subject Alternative Name");
+
+    if (!*v)
+        v = leaf_field(x, "Subject");
+    url_host(x->h->cfg->url, host, sizeof host);
+    snprintf(out, outlen, "the receiver's certificate is for %s, not %s: use a name it holds "
+             "in forward.url, or reissue it", *v ? v : "other names", host);
+}
+
+/* Say which TLS check failed, in words that name the file or setting to fix. Returns 0 when
+ * this is not a TLS failure it knows, so the generic words apply. */
+static int tls_words(struct xfer *x, CURLcode rc, char *out, size_t outlen)
+{
+    const char *v;
+
+    if (rc == CURLE_PEER_FAILED_VERIFICATION) {
+        /* libcurl checks the name itself, once the chain verified, and then reports no
+         * X509_V_ERR code of its own (1, "unspecified", with OpenSSL 3): only its words say. */
+        if (errbuf_has(x, "target host name") || errbuf_has(x, "does not match")) {
+            hostname_words(x, out, outlen);
+            return 1;
+        }
+        switch (backend_is_openssl() ? x->verify : -1) {
+        case OSSL_V_CERT_HAS_EXPIRED:
+            v = leaf_field(x, "Expire date");
+            snprintf(out, outlen, "the receiver's certificate expired%s%s: renew it on the "
+                     "receiver (or check this gateway's clock)", *v ? " on " : "", v);
+            return 1;
+        case OSSL_V_CERT_NOT_YET_VALID:
+            v = leaf_field(x, "Start date");
+            snprintf(out, outlen, "the receiver's certificate is not valid before %s: check this "
+                     "gateway's clock, or the certificate's start date", *v ? v : "a later date");
+            return 1;
+        case OSSL_V_DEPTH_ZERO_SELF_SIGNED_CERT:
+            v = leaf_field(x, "Subject");
+            snprintf(out, outlen, "the receiver's certificate%s%s%s is self-signed: give the "
+                     "receiver one signed by the CA in forward.tls.ca_file", *v ? " (" : "", v,
+                     *v ? ")" : "");
+            return 1;
+        case OSSL_V_SELF_SIGNED_CERT_IN_CHAIN:
+        case OSSL_V_UNABLE_TO_GET_ISSUER_CERT:
+        case OSSL_V_UNABLE_TO_GET_ISSUER_CERT_LOCALLY:
+        case OSSL_V_UNABLE_TO_VERIFY_LEAF_SIGNATURE:
+            v = leaf_field(x, "Issuer");
+            snprintf(out, outlen, "the receiver's certificate is not signed by "
+                     "forward.tls.ca_file%s%s%s: set forward.tls.ca_file to the CA that signed it",
+                     *v ? " (its issuer is " : "", v, *v ? ")" : "");
+            return 1;
+        case OSSL_V_INVALID_PURPOSE:
+            snprintf(out, outlen, "the receiver's certificate is not made for a TLS server "
+                     "(extendedKeyUsage serverAuth is missing): reissue it");
+            return 1;
+        case OSSL_V_HOSTNAME_MISMATCH:
+        case OSSL_V_IP_ADDRESS_MISMATCH:
+            hostname_words(x, out, outlen);
+            return 1;
+        default:
+            break;
+        }
+        snprintf(out, outlen, "the receiver's certificate was refused (%s)",
+                 x->errbuf[0] ? x->errbuf : curl_easy_strerror(rc));
+        return 1;
+    }
+    if (rc != CURLE_SSL_CONNECT_ERROR && rc != CURLE_RECV_ERROR && rc != CURLE_SEND_ERROR)
+        return 0;
+    if (errbuf_has(x, "protocol version") || errbuf_has(x, "unsupported protocol") ||
+        errbuf_has(x, "no protocols available")) {
+        snprintf(out, outlen, "the receiver offers no TLS version this gateway accepts (TLS 1.2 "
+                 "or newer only): upgrade the receiver's TLS settings");
+        return 1;
+    }
+    if (errbuf_has(x, "alert")) {
+        /* The receiver ended the handshake with an alert: it refused what we presented. */
+        snprintf(out, outlen, "the receiver refused the TLS handshake (%s): if it names a "
+                 "certificate, check forward.tls.cert_file and key_file", x->errbuf);
+        return 1;
+    }
+    return 0;
+}
+
 /* Pull "error":"..." out of the receiver's JSON answer, or keep the raw text. */
 static void reason_from_body(const char *body, char *out, size_t outlen)
 {
@@ -124,6 +269,10 @@ static void xfer_free(struct xfer *x)
     }
     curl_multi_remove_handle(h->multi, x->easy);
     curl_easy_cleanup(x->easy);
+    if (x->diag) {
+        curl_multi_remove_handle(h->multi, x->diag);
+        curl_easy_cleanup(x->diag);
+    }
     free(x->body);
     free(x);
 }
@@ -134,6 +283,8 @@ static void classify(struct xfer *x, CURLcode rc, struct agent_send_result *r)
     if (rc != CURLE_OK) {
         const char *why = explain(rc);
         r->status = CIS_EAGAIN;
+        if (tls_words(x, rc, r->reason, sizeof(r->reason)))
+            return;
         snprintf(r->reason, sizeof(r->reason), "%s%s%s", why ? why : curl_easy_strerror(rc),
                  x->errbuf[0] ? ": " : "", x->errbuf);
         return;
@@ -142,13 +293,18 @@ static void classify(struct xfer *x, CURLcode rc, struct agent_send_result *r)
     if (r->code >= 200 && r->code < 300) {
         r->status = 0;
         snprintf(r->reason, sizeof(r->reason), "%s", x->resp);
-    } else if (r->code == 408 || r->code == 429 || r->code >= 500 || r->code < 200 ||
-               (r->code >= 300 && r->code < 400)) {
+    } else if (r->code == 401 || r->code == 408 || r->code == 429 || r->code >= 500 ||
+               r->code < 200 || (r->code >= 300 && r->code < 400)) {
+        /* 401 is about this gateway's certificate (expired, not yet valid, from another CA),
+         * not about the batch: the records stay spooled, with full backoff, until it is
+         * renewed, as they do when the handshake itself fails. */
         curl_off_t ra = 0;
         r->status = CIS_EAGAIN;
         if (curl_easy_getinfo(x->easy, CURLINFO_RETRY_AFTER, &ra) == CURLE_OK && ra > 0)
             r->retry_after_ms = (int64_t)ra * 1000;
-        snprintf(r->reason, sizeof(r->reason), "HTTP %ld: ", r->code);
+        snprintf(r->reason, sizeof(r->reason), "HTTP %ld: %s", r->code,
+                 r->code == 401 ? "the receiver refused this gateway's client certificate or "
+                                  "token: " : "");
         reason_from_body(x->resp, r->reason + strlen(r->reason), sizeof(r->reason) - strlen(r->reason));
     } else {
         /* Any other 4xx is the receiver's final word on this batch: never retried. */
@@ -156,6 +312,36 @@ static void classify(struct xfer *x, CURLcode rc, struct agent_send_result *r)
         snprintf(r->reason, sizeof(r->reason), "HTTP %ld: ", r->code);
         reason_from_body(x->resp, r->reason + strlen(r->reason), sizeof(r->reason) - strlen(r->reason));
     }
+}
+
+/* Start a handshake that only reads the receiver's certificate, once its verification
+ * failed, so tls_words can name dates and names. Verification is off on this one handle,
+ * which sends nothing and is closed at once. Returns 0 if started. */
+static int diag_start(struct xfer *x)
+{
+    struct https *h = x->h;
+    CURL *e = curl_easy_init();
+
+    if (!e)
+        return CIS_ENOMEM;
+    curl_easy_setopt(e, CURLOPT_URL, h->cfg->url);
+    curl_easy_setopt(e, CURLOPT_PRIVATE, x);
+    curl_easy_setopt(e, CURLOPT_NOSIGNAL, 1L);
+    curl_easy_setopt(e, CURLOPT_CONNECT_ONLY, 1L);
+    curl_easy_setopt(e, CURLOPT_CERTINFO, 1L);
+    curl_easy_setopt(e, CURLOPT_SSL_VERIFYPEER, 0L);
+    curl_easy_setopt(e, CURLOPT_SSL_VERIFYHOST, 0L);
+    curl_easy_setopt(e, CURLOPT_PROTOCOLS_STR, "https");
+    curl_easy_setopt(e, CURLOPT_SSLVERSION, (long)CURL_SSLVERSION_TLSv1_2);
+    curl_easy_setopt(e, CURLOPT_TIMEOUT_MS,
+                     (long)(h->cfg->timeout_ms < 5000 ? h->cfg->timeout_ms : 5000));
+    curl_multi_remove_handle(h->multi, x->easy);
+    if (curl_multi_add_handle(h->multi, e) != CURLM_OK) {
+        curl_easy_cleanup(e);
+        return CIS_EIO;
+    }
+    x->diag = e;
+    return 0;
 }
 
 static void check_done(struct https *h)
@@ -166,6 +352,7 @@ static void check_done(struct https *h)
     struct done {
         struct xfer *x;
         CURLcode rc;
+        int diag; /* the diagnostic handshake ended, not the transfer */
     } done[64];
     size_t n = 0;
     while (n < 64 && (m = curl_multi_info_read(h->multi, &left)) != NULL) {
@@ -173,13 +360,23 @@ static void check_done(struct https *h)
             continue;
         struct xfer *x = NULL;
         curl_easy_getinfo(m->easy_handle, CURLINFO_PRIVATE, (char **)&x);
-        done[n++] = (struct done){x, m->data.result};
+        done[n++] = (struct done){x, m->data.result, m->easy_handle == x->diag};
     }
     for (size_t i = 0; i < n; i++) {
         struct agent_send_result r;
-        uint64_t token = done[i].x->token;
-        classify(done[i].x, done[i].rc, &r);
-        xfer_free(done[i].x);
+        struct xfer *x = done[i].x;
+        uint64_t token = x->token;
+        if (!done[i].diag) {
+            x->rc = done[i].rc;
+            if (curl_easy_getinfo(x->easy, CURLINFO_SSL_VERIFYRESULT, &x->verify) != CURLE_OK)
+                x->verify = 0;
+            /* The verdict waits for the certificate's details; without them, the words
+             * are only less precise. */
+            if (x->rc == CURLE_PEER_FAILED_VERIFICATION && diag_start(x) == 0)
+                continue;
+        }
+        classify(x, x->rc, &r);
+        xfer_free(x);
         h->cb(h->ctx, token, &r);
     }
 }
