@@ -105,6 +105,16 @@ struct agent_transport_ops {
     void (*destroy)(void *t);
 };
 
+/* The earlier of two deadlines as tick() returns them (monotonic ms, -1 for none). */
+static inline int64_t agent_deadline_min(int64_t a, int64_t b)
+{
+    if (a < 0)
+        return b;
+    if (b < 0)
+        return a;
+    return a < b ? a : b;
+}
+
 extern const struct agent_transport_ops agent_transport_https;
 /* MQTT v5 through a broker: result on the receiver's end-to-end ack (or PUBACK with
  * forward.mqtt.ack: broker). */

@@ -389,15 +389,6 @@ static int start_inputs(struct agent *a)
     return 0;
 }
 
-static int64_t min_deadline(int64_t a, int64_t b)
-{
-    if (a < 0)
-        return b;
-    if (b < 0)
-        return a;
-    return a < b ? a : b;
-}
-
 static void log_stats(struct agent *a)
 {
     struct agent_spool_stats st;
@@ -436,20 +427,20 @@ static int run(struct agent *a)
         if (a->spool_corrupt && spool_recover_now(a) != 0)
             return 1;
         for (size_t i = 0; i < a->ninputs; i++)
-            deadline = min_deadline(deadline, a->inputs[i].ops->tick(&a->inputs[i], now));
+            deadline = agent_deadline_min(deadline, a->inputs[i].ops->tick(&a->inputs[i], now));
         if (commit_due(a, now) || (draining && a->nrecs))
             ingest_commit(a);
         expire_due(a, now);
-        deadline = min_deadline(deadline, a->next_expire);
+        deadline = agent_deadline_min(deadline, a->next_expire);
         if (a->nrecs)
-            deadline = min_deadline(deadline, a->oldest_mono + a->cfg.commit_interval_ms);
-        deadline = min_deadline(deadline, agent_forwarder_tick(a->fwd, now, draining));
+            deadline = agent_deadline_min(deadline, a->oldest_mono + a->cfg.commit_interval_ms);
+        deadline = agent_deadline_min(deadline, agent_forwarder_tick(a->fwd, now, draining));
         if (next_stats >= 0) {
             if (now >= next_stats) {
                 log_stats(a);
                 next_stats = now + a->cfg.stats_interval_ms;
             }
-            deadline = min_deadline(deadline, next_stats);
+            deadline = agent_deadline_min(deadline, next_stats);
         }
         if (draining) {
             int idle = a->nrecs == 0 && agent_forwarder_idle(a->fwd);
@@ -464,7 +455,7 @@ static int run(struct agent *a)
                 agent_forwarder_abort(a->fwd);
                 break;
             }
-            deadline = min_deadline(deadline, drain_deadline);
+            deadline = agent_deadline_min(deadline, drain_deadline);
         }
         {
             int64_t wait = deadline < 0 ? 1000 : deadline - now;

@@ -1124,15 +1124,6 @@ static void deliver(struct mqtt *h)
     }
 }
 
-static int64_t min_deadline(int64_t a, int64_t b)
-{
-    if (a < 0)
-        return b;
-    if (b < 0)
-        return a;
-    return a < b ? a : b;
-}
-
 static int64_t mqtt_tick(void *t, int64_t now)
 {
     struct mqtt *h = t;
@@ -1169,7 +1160,7 @@ static int64_t mqtt_tick(void *t, int64_t now)
     for (struct batch **pp = &h->pending; *pp;) {
         struct batch *p = *pp;
         if (now < p->deadline) {
-            next = min_deadline(next, p->deadline);
+            next = agent_deadline_min(next, p->deadline);
             pp = &p->next;
             continue;
         }
@@ -1187,7 +1178,7 @@ static int64_t mqtt_tick(void *t, int64_t now)
     for (struct batch **pp = &h->queue; *pp;) {
         struct batch *b = *pp;
         if (now < b->deadline) {
-            next = min_deadline(next, b->deadline);
+            next = agent_deadline_min(next, b->deadline);
             pp = &b->next;
             continue;
         }
@@ -1206,9 +1197,9 @@ static int64_t mqtt_tick(void *t, int64_t now)
     if (h->state == ST_NOSUB && h->resubscribe_at >= 0 && now >= h->resubscribe_at)
         start_subscribe(h, now);
     if (h->state == ST_IDLE)
-        next = min_deadline(next, h->reconnect_at);
+        next = agent_deadline_min(next, h->reconnect_at);
     if (h->state == ST_NOSUB)
-        next = min_deadline(next, h->resubscribe_at);
+        next = agent_deadline_min(next, h->resubscribe_at);
     deliver(h);
     return next;
 }
