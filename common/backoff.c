@@ -11,6 +11,12 @@ int64_t cis_mono_ms(void)
     return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
 }
 
+void cis_mono_timespec(int64_t mono_ms, struct timespec *ts)
+{
+    ts->tv_sec = (time_t)(mono_ms / 1000);
+    ts->tv_nsec = (long)(mono_ms % 1000) * 1000000L;
+}
+
 int64_t cis_wall_ms(void)
 {
     struct timespec ts;

@@ -707,13 +707,7 @@ static void *sweeper_main(void *arg)
     pthread_mutex_lock(&h->conn_mu);
     while (!h->stopping) {
         struct timespec ts;
-        clock_gettime(CLOCK_MONOTONIC, &ts);
-        ts.tv_sec += every / 1000;
-        ts.tv_nsec += (long)(every % 1000) * 1000000L;
-        if (ts.tv_nsec >= 1000000000L) {
-            ts.tv_sec++;
-            ts.tv_nsec -= 1000000000L;
-        }
+        cis_mono_timespec(cis_mono_ms() + every, &ts);
         pthread_cond_timedwait(&h->conn_cv, &h->conn_mu, &ts);
         if (!h->stopping)
             sweep(h);

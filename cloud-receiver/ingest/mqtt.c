@@ -844,8 +844,7 @@ static void wait_until(struct recv_mqtt *m, int64_t deadline_ms)
         pthread_cond_wait(&m->cv, &m->mu);
         return;
     }
-    ts.tv_sec = (time_t)(deadline_ms / 1000);
-    ts.tv_nsec = (long)(deadline_ms % 1000) * 1000000L;
+    cis_mono_timespec(deadline_ms, &ts);
     pthread_cond_timedwait(&m->cv, &m->mu, &ts);
 }
 

@@ -177,17 +177,6 @@ static void post_event(struct mqtt_input *s, int type, const char *why)
     wake_loop(s);
 }
 
-static int64_t mono_now(void)
-{
-    return cis_mono_ms();
-}
-
-static void abs_deadline(struct timespec *ts, int64_t deadline_ms)
-{
-    ts->tv_sec = deadline_ms / 1000;
-    ts->tv_nsec = (long)(deadline_ms % 1000) * 1000000L;
-}
-
 static void entry_free(struct entry *e)
 {
     MQTTAsync_freeMessage(&e->msg);
@@ -486,9 +475,9 @@ static void wait_entry(struct mqtt_input *s, struct entry *e, int64_t deadline)
             pthread_cond_wait(&s->cond, &s->mu);
         } else {
             struct timespec ts;
-            if (mono_now() >= deadline)
+            if (cis_mono_ms() >= deadline)
                 return;
-            abs_deadline(&ts, deadline);
+            cis_mono_timespec(deadline, &ts);
             pthread_cond_timedwait(&s->cond, &s->mu, &ts);
         }
     }
@@ -505,7 +494,7 @@ static int on_message(void *ctx, char *topic, int topic_len, MQTTAsync_message *
     int refuse = 0, released = 0;
     char why[96];
     struct entry *e;
-    int64_t started = mono_now();
+    int64_t started = cis_mono_ms();
 
     if (topic_len > 0 && memchr(topic, '\0', (size_t)topic_len)) {
         skip = "under a topic that contains a NUL byte (MQTT forbids it)";
@@ -534,7 +523,7 @@ static int on_message(void *ctx, char *topic, int topic_len, MQTTAsync_message *
     }
 
     /* Out of memory: wait for memory, within the hold time like any other wait. */
-    while ((e = calloc(1, sizeof(*e))) == NULL && mono_now() < started + HOLD_MS)
+    while ((e = calloc(1, sizeof(*e))) == NULL && cis_mono_ms() < started + HOLD_MS)
         usleep(10000);
     pthread_mutex_lock(&s->mu);
     if (e && s->in->cfg->ack == AGENT_INPUT_ACK_ON_ARRIVAL && s->nreleased < ARRIVAL_MAX) {
@@ -576,8 +565,8 @@ static int on_message(void *ctx, char *topic, int topic_len, MQTTAsync_message *
             s->unbounded += until < 0;
             if (e)
                 wait_entry(s, e, until);
-            else if (until > mono_now())
-                usleep((useconds_t)(until - mono_now()) * 1000);
+            else if (until > cis_mono_ms())
+                usleep((useconds_t)(until - cis_mono_ms()) * 1000);
             s->unbounded -= until < 0;
         }
     }
@@ -629,7 +618,7 @@ static void on_ack(void *ctx, uint64_t token, int status, uint64_t seq)
     } else {
         /* Held and submitted again, not refused: count messages, not attempts. */
         e->state = E_RETRY;
-        e->retry_at = mono_now() + cis_backoff_next(&s->retry);
+        e->retry_at = cis_mono_ms() + cis_backoff_next(&s->retry);
         if (c->produced)
             c->produced--;
         if (c->refused)
@@ -877,7 +866,7 @@ static void on_wake(void *ctx, int fd, short revents)
     char buf[64];
     while (read(fd, buf, sizeof(buf)) > 0) {
     }
-    pump(s, mono_now());
+    pump(s, cis_mono_ms());
 }
 
 static int mqtt_start(struct agent_input *in)
@@ -1035,7 +1024,7 @@ static int mqtt_idle(struct agent_input *in)
     int idle;
     if (!s)
         return 1;
-    pump(s, mono_now());
+    pump(s, cis_mono_ms());
     pthread_mutex_lock(&s->mu);
     idle = s->nwaiting == 0 && s->paho_closed;
     /* on_arrival: what was acknowledged is stored before the agent stops, unless the spool
@@ -1067,10 +1056,10 @@ static void mqtt_destroy(struct agent_input *in)
          * at once: it drops the connection, unstored and unacknowledged (the broker keeps it). */
         pthread_mutex_lock(&s->mu);
         pthread_cond_broadcast(&s->cond);
-        until = mono_now() + DESTROY_WAIT_MS;
-        while (!(s->nwaiting == 0 && s->paho_closed) && mono_now() < until) {
+        until = cis_mono_ms() + DESTROY_WAIT_MS;
+        while (!(s->nwaiting == 0 && s->paho_closed) && cis_mono_ms() < until) {
             struct timespec ts;
-            abs_deadline(&ts, mono_now() + 100 < until ? mono_now() + 100 : until);
+            cis_mono_timespec(cis_mono_ms() + 100 < until ? cis_mono_ms() + 100 : until, &ts);
             pthread_cond_timedwait(&s->cond, &s->mu, &ts);
         }
         clean = s->nwaiting == 0 && s->paho_closed;

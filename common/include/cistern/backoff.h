@@ -6,6 +6,10 @@
 
 /* Milliseconds on CLOCK_MONOTONIC: for deadlines and backoff, never for identity. */
 int64_t cis_mono_ms(void);
+struct timespec;
+/* The cis_mono_ms() instant MONO_MS as a timespec, for pthread_cond_timedwait on a condition
+ * variable whose clock is CLOCK_MONOTONIC. */
+void cis_mono_timespec(int64_t mono_ms, struct timespec *ts);
 /* Milliseconds since 1970 on CLOCK_REALTIME: recorded for information only. */
 int64_t cis_wall_ms(void);
 
