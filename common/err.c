@@ -24,6 +24,9 @@ const char *cis_strerror(int code)
     case CIS_EDB: return "database error";
     case CIS_ENOSPC: return "no space left on the device";
     case CIS_ETAMPERED: return "sealed data failed authentication (tampered)";
+    case CIS_EKEY: return "signed with a key that is not the registered one";
+    case CIS_EBADSIG: return "the signature does not verify";
+    case CIS_EEXIST: return "already exists";
     }
     return "unknown error";
 }

@@ -19,12 +19,12 @@
 #include <mbedtls/error.h>
 #include <mbedtls/pk.h>
 #include <mbedtls/platform_util.h>
-#include <mbedtls/sha256.h>
 #include <mbedtls/x509_csr.h>
 
 #include "cistern/codec.h"
 #include "cistern/err.h"
 #include "cistern/fsync.h"
+#include "cistern/sign.h"
 
 /* Room for a P-256 key in PEM (about 230 bytes) and its CSR (about 450). */
 #define ENROLL_KEY_PEM_MAX 1024
@@ -243,25 +243,21 @@ static int enroll__install(const char *tmp, const char *path, const char *what, 
     return CIS_OK;
 }
 
-/* SHA-256 over the DER SubjectPublicKeyInfo of PK, as "sha256:<hex>" in FPR. */
+_Static_assert(AGENT_ENROLL_FPR_LEN == CIS_FPR_STR_LEN, "a fingerprint string is sign.h's");
+
+/* The fingerprint of PK as "sha256:<hex>" in FPR: cis_fpr_of_spki() over its DER
+ * SubjectPublicKeyInfo, the one definition the receiver's registry uses too. */
 static int enroll__fingerprint(mbedtls_pk_context *pk, char fpr[AGENT_ENROLL_FPR_LEN])
 {
-    unsigned char der[ENROLL_SPKI_MAX], digest[32];
-    static const char hex[] = "0123456789abcdef";
+    unsigned char der[ENROLL_SPKI_MAX];
+    uint8_t digest[CIS_FPR_LEN];
 
     /* pk_write_* fill the buffer from its end; the return value is the length. */
     int n = mbedtls_pk_write_pubkey_der(pk, der, sizeof(der));
     if (n <= 0)
         return n < 0 ? n : MBEDTLS_ERR_PK_BAD_INPUT_DATA;
-    int rc = mbedtls_sha256_ret(der + sizeof(der) - (size_t)n, (size_t)n, digest, 0);
-    if (rc != 0)
-        return rc;
-    memcpy(fpr, "sha256:", 7);
-    for (size_t i = 0; i < sizeof(digest); i++) {
-        fpr[7 + 2 * i] = hex[digest[i] >> 4];
-        fpr[7 + 2 * i + 1] = hex[digest[i] & 15];
-    }
-    fpr[AGENT_ENROLL_FPR_LEN - 1] = '\0';
+    cis_fpr_of_spki(der + sizeof(der) - (size_t)n, (size_t)n, digest);
+    cis_fpr_format(digest, fpr);
     return 0;
 }
 

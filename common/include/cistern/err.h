@@ -19,6 +19,9 @@ enum {
     CIS_EDB = -11,     /* database error other than full/corrupt */
     CIS_ENOSPC = -12,  /* the device has no space left (ENOSPC, SQLITE_FULL) */
     CIS_ETAMPERED = -13, /* sealed data failed authentication */
+    CIS_EKEY = -14,    /* a signature made with a key or secret that is not the registered one */
+    CIS_EBADSIG = -15, /* a signature does not verify: the signed bytes were changed */
+    CIS_EEXIST = -16,  /* already exists */
 };
 
 /* A static, human-readable description of a CIS_E* code. Never NULL. */
