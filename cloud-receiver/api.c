@@ -221,9 +221,9 @@ static int agent_row(void *ud, const struct recv_agent_info *a)
     recv_buf_addf(c->b,
                   ",\"first_seen_ms\":%" PRId64 ",\"last_seen_ms\":%" PRId64
                   ",\"spool_depth\":%" PRId64 ",\"oldest_pending_ms\":%" PRId64
-                  ",\"records\":%" PRId64 "}",
+                  ",\"records\":%" PRId64 ",\"replayed_batches\":%" PRId64 "}",
                   a->first_seen_ms, a->last_seen_ms, a->spool_depth, a->oldest_pending_ms,
-                  a->records);
+                  a->records, a->replayed_batches);
     return c->b->oom ? CIS_ENOMEM : 0;
 }
 

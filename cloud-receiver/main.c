@@ -10,9 +10,11 @@
 #include <cistern/err.h>
 #include <cistern/log.h>
 
+#include "device_cmd.h"
 #include "ingest/http.h"
 #include "ingest/mqtt.h"
 #include "recv_config.h"
+#include "registry.h"
 #include "store/store.h"
 
 #define DEFAULT_CONFIG "/etc/cistern/receiver.yaml"
@@ -23,6 +25,7 @@ static void usage(FILE *f)
     fprintf(f,
             "Usage: cistern-receiver [--config FILE]\n"
             "       cistern-receiver --check-config FILE\n"
+            "       cistern-receiver [--config FILE] device COMMAND [ARGS]\n"
             "\n"
             "Receives batches from cistern-agent over HTTPS (mutual TLS) and/or from an MQTT\n"
             "broker (shared subscription), stores them once, and answers with an\n"
@@ -35,8 +38,40 @@ static void usage(FILE *f)
             "  -h, --help               show this help and exit\n"
             "  -V, --version            show the version and exit\n"
             "\n"
+            "Commands (on the device registry in the store of --config's file; see\n"
+            "`cistern-receiver device --help`):\n"
+            "  device add ID (--key FILE | --fingerprint sha256:HEX) [--hmac-secret-file FILE]\n"
+            "             [--force]     register a gateway and the credential it signs with\n"
+            "  device list [--json]     the registered gateways\n"
+            "  device show ID [--json]  one gateway and its deliveries\n"
+            "  device revoke ID         refuse its batches (running receivers: within 5 s)\n"
+            "  device enable ID         accept its batches again\n"
+            "\n"
             "Signals: SIGTERM or SIGINT stop accepting, finish requests in progress, disconnect\n"
             "from the broker (its session keeps later batches), close the store and exit 0.\n");
+}
+
+static int count_device(void *ud, const struct recv_device *d)
+{
+    size_t *n = ud;
+    n[0]++;
+    n[1] += d->enabled != 0;
+    return 0;
+}
+
+/* Once at start: how many gateways may deliver. An empty registry refuses every batch, which is
+ * right for a new receiver and puzzling without this line. */
+static void log_registry(const struct recv_store_ops *ops, struct recv_store *st)
+{
+    size_t n[2] = {0, 0};
+
+    if (ops->device_list(st, count_device, n) != 0)
+        return; /* the ingest says so when it looks devices up */
+    if (n[0] == 0)
+        cis_warn("[main] the device registry is empty: every batch is refused (401, MQTT "
+                 "\"retry\") until a gateway is registered with `cistern-receiver device add`");
+    else
+        cis_info("[main] device registry: %zu gateways, %zu enabled", n[0], n[1]);
 }
 
 int main(int argc, char **argv)
@@ -53,6 +88,7 @@ int main(int argc, char **argv)
     struct recv_config cfg;
     const struct recv_store_ops *ops = NULL;
     struct recv_store *st = NULL;
+    struct recv_registry *reg = NULL;
     struct recv_http *http = NULL;
     struct recv_mqtt *mqtt = NULL;
     struct recv_store_opts so = {0};
@@ -61,7 +97,9 @@ int main(int argc, char **argv)
     int c, sig = 0, ret = 1;
 
     memset(&cfg, 0, sizeof cfg);
-    while ((c = getopt_long(argc, argv, "c:t:hV", opts, NULL)) != -1) {
+    /* '+': stop at the first operand, so that a command's own options (device add --key)
+     * are left to it. */
+    while ((c = getopt_long(argc, argv, "+c:t:hV", opts, NULL)) != -1) {
         switch (c) {
         case 'c':
             config = optarg;
@@ -83,6 +121,8 @@ int main(int argc, char **argv)
             return 2;
         }
     }
+    if (optind < argc && check == NULL && strcmp(argv[optind], "device") == 0)
+        return recv_device_main(config, argc - optind, argv + optind);
     if (optind != argc) {
         fprintf(stderr, "cistern-receiver: unexpected argument '%s'\n", argv[optind]);
         usage(stderr);
@@ -121,13 +161,18 @@ int main(int argc, char **argv)
         cis_error("[store] cannot open %s store: %s", ops->name, err);
         goto out;
     }
+    if (recv_registry_new(ops, st, RECV_REGISTRY_TTL_MS, &reg) != 0) {
+        cis_error("[main] cannot make the device registry cache: out of memory");
+        goto out;
+    }
+    log_registry(ops, st);
     if (cfg.listen_http != NULL && cfg.listen_http[0] != '\0' &&
-        recv_http_start(&cfg, ops, st, &http, err, sizeof err) != 0) {
+        recv_http_start(&cfg, ops, st, reg, &http, err, sizeof err) != 0) {
         cis_error("[http] %s", err);
         goto out;
     }
     if (cfg.mqtt_url != NULL && cfg.mqtt_url[0] != '\0' &&
-        recv_mqtt_start(&cfg, ops, st, &mqtt, err, sizeof err) != 0) {
+        recv_mqtt_start(&cfg, ops, st, reg, &mqtt, err, sizeof err) != 0) {
         cis_error("[mqtt] %s", err);
         goto out;
     }
@@ -157,6 +202,7 @@ out:
     recv_http_stop(http, SHUTDOWN_GRACE_MS);
     if (ops != NULL)
         ops->close(st);
+    recv_registry_free(reg);
     recv_config_free(&cfg);
     if (ret == 0)
         cis_info("[main] stopped");

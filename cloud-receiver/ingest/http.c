@@ -145,46 +145,6 @@ static enum MHD_Result answer_error(struct req *r, struct MHD_Connection *c, uns
 
 /* ---- client identity ---- */
 
-/* A refused client certificate is logged once per client, certificate and reason every
- * CERT_LOG_EVERY_MS: a gateway retries every few seconds, and its technician needs the first
- * line, not a flood. The table is shared by the connection threads. */
-#define CERT_LOG_SLOTS 64
-#define CERT_LOG_EVERY_MS (10 * 60 * 1000)
-static pthread_mutex_t cert_log_mu = PTHREAD_MUTEX_INITIALIZER;
-static struct {
-    uint64_t key;
-    int64_t at;
-} cert_log[CERT_LOG_SLOTS];
-
-static int cert_log_due(const char *who, const char *why)
-{
-    uint64_t k = 1469598103934665603ULL; /* FNV-1a */
-    int64_t now = cis_mono_ms();
-    size_t slot = 0;
-    int due = 1;
-
-    for (const char *p = who; *p; p++)
-        k = (k ^ (unsigned char)*p) * 1099511628211ULL;
-    for (const char *p = why; *p; p++)
-        k = (k ^ (unsigned char)*p) * 1099511628211ULL;
-    pthread_mutex_lock(&cert_log_mu);
-    for (size_t i = 0; i < CERT_LOG_SLOTS; i++) {
-        if (cert_log[i].key == k) {
-            slot = i;
-            due = now - cert_log[i].at >= CERT_LOG_EVERY_MS;
-            break;
-        }
-        if (cert_log[i].at < cert_log[slot].at)
-            slot = i; /* the oldest slot, if the key is new */
-    }
-    if (due) {
-        cert_log[slot].key = k;
-        cert_log[slot].at = now;
-    }
-    pthread_mutex_unlock(&cert_log_mu);
-    return due;
-}
-
 static void utc_date(time_t t, char *out, size_t outlen)
 {
     struct tm tm;
@@ -285,7 +245,7 @@ static int client_cn(struct MHD_Connection *c, char *cn, size_t cnlen, char *why
                 inet_ntop(AF_INET6, &((const struct sockaddr_in6 *)sa)->sin6_addr, ip, sizeof ip);
         }
         snprintf(who, sizeof who, "%s CN=%s", ip, cn[0] ? cn : "(none)");
-        if (cert_log_due(who, why))
+        if (recv_log_due(who, why))
             cis_warn("[http] refused the client certificate of %s: %s (answered 401; logged "
                      "once per client and reason every 10 minutes)", who, why);
         else
@@ -343,20 +303,32 @@ static enum route route_of(const char *url, char *id, size_t idlen)
     return R_NONE;
 }
 
-static int content_type_ok(const char *ct)
+/* 1 when CT names TYPE (parameters after ';' allowed). */
+static int content_type_is(const char *ct, const char *type)
 {
-    size_t n = strlen(CIS_BATCH_CONTENT_TYPE);
+    size_t n = strlen(type);
 
     if (ct == NULL)
         return 0;
     while (*ct == ' ' || *ct == '\t')
         ct++;
-    if (strncasecmp(ct, CIS_BATCH_CONTENT_TYPE, n) != 0)
+    if (strncasecmp(ct, type, n) != 0)
         return 0;
     ct += n;
     while (*ct == ' ' || *ct == '\t')
         ct++;
     return *ct == '\0' || *ct == ';';
+}
+
+/* Only signed batches are taken; an unsigned one is told so in words. */
+static const char *content_type_refusal(const char *ct)
+{
+    if (content_type_is(ct, CIS_SIGNED_BATCH_CONTENT_TYPE))
+        return NULL;
+    if (content_type_is(ct, CIS_BATCH_CONTENT_TYPE))
+        return "unsigned batches are not accepted: Content-Type must be "
+               CIS_SIGNED_BATCH_CONTENT_TYPE;
+    return "Content-Type must be " CIS_SIGNED_BATCH_CONTENT_TYPE;
 }
 
 /* ---- GET routes ---- */
@@ -419,10 +391,11 @@ static enum MHD_Result batch_begin(struct req *r, struct MHD_Connection *c)
     const char *cl = MHD_lookup_connection_value(c, MHD_HEADER_KIND,
                                                  MHD_HTTP_HEADER_CONTENT_LENGTH);
 
-    if (!content_type_ok(MHD_lookup_connection_value(c, MHD_HEADER_KIND,
-                                                     MHD_HTTP_HEADER_CONTENT_TYPE)))
-        return answer_error(r, c, MHD_HTTP_UNSUPPORTED_MEDIA_TYPE,
-                            "Content-Type must be " CIS_BATCH_CONTENT_TYPE, NULL, NULL);
+    const char *ct_why = content_type_refusal(
+        MHD_lookup_connection_value(c, MHD_HEADER_KIND, MHD_HTTP_HEADER_CONTENT_TYPE));
+
+    if (ct_why != NULL)
+        return answer_error(r, c, MHD_HTTP_UNSUPPORTED_MEDIA_TYPE, ct_why, NULL, NULL);
     if (cl != NULL) {
         char *end;
         unsigned long long n;
@@ -478,12 +451,13 @@ int recv_http_batch(const struct recv_ingest_ctx *ctx, const char *content_type,
                     const uint8_t *body, size_t len, const char *identity, struct recv_buf *answer)
 {
     struct recv_ingest_result res;
+    const char *ct_why = content_type_refusal(content_type);
     char why[600];
     int status;
 
     memset(answer, 0, sizeof *answer);
-    if (!content_type_ok(content_type)) {
-        recv_json_error(answer, "Content-Type must be " CIS_BATCH_CONTENT_TYPE);
+    if (ct_why != NULL) {
+        recv_json_error(answer, ct_why);
         return MHD_HTTP_UNSUPPORTED_MEDIA_TYPE;
     }
     if (ctx->max_body > 0 && len > ctx->max_body) {
@@ -503,6 +477,11 @@ int recv_http_batch(const struct recv_ingest_ctx *ctx, const char *content_type,
         /* 503: nothing was committed; the agent keeps the batch and retries. */
         recv_json_error(answer, why);
         status = MHD_HTTP_SERVICE_UNAVAILABLE;
+        break;
+    case RECV_INGEST_UNAUTHORIZED:
+        /* 401: the device, not the batch: the agent keeps it and retries with backoff. */
+        recv_json_error(answer, why);
+        status = MHD_HTTP_UNAUTHORIZED;
         break;
     default:
         if (res.reject == RECV_REJECT_IDENTITY) {
@@ -593,6 +572,21 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const cha
                             MHD_HTTP_HEADER_ALLOW, "GET, HEAD");
     if (l->tls && client_cn(c, r->cn, sizeof r->cn, why, sizeof why) != 0)
         return answer_error(r, c, MHD_HTTP_UNAUTHORIZED, why, NULL, NULL);
+    if (rt == R_BATCHES && l->tls) {
+        /* An unregistered or revoked CN is refused on its headers: its body is never read. The
+         * ingest checks again, with the signature, whatever the transport. */
+        struct recv_device dev;
+        int rc = recv_registry_lookup(l->h->ingest.reg, r->cn, &dev);
+        if (rc == CIS_ENOTFOUND || (rc == 0 && !dev.enabled)) {
+            char msg[400];
+            snprintf(msg, sizeof msg, rc ? "agent '%s' is not registered at this receiver "
+                                           "(cistern-receiver device add)"
+                                         : "agent '%s' is revoked at this receiver "
+                                           "(cistern-receiver device enable)", r->cn);
+            recv_ingest_log_refusal(msg);
+            return answer_error(r, c, MHD_HTTP_UNAUTHORIZED, msg, NULL, NULL);
+        }
+    }
     if (rt == R_BATCHES && l->tls && l->h->rate != NULL) {
         /* limits.rate, on the headers alone: a refused batch costs no read, decode or store. */
         int64_t wait = recv_rate_take(l->h->rate, r->cn, cis_mono_ms());
@@ -913,7 +907,8 @@ void recv_http_stop(struct recv_http *h, int grace_ms)
 }
 
 int recv_http_start(const struct recv_config *cfg, const struct recv_store_ops *ops,
-                    struct recv_store *st, struct recv_http **out, char *err, size_t errlen)
+                    struct recv_store *st, struct recv_registry *reg, struct recv_http **out,
+                    char *err, size_t errlen)
 {
     struct recv_http *h;
     pthread_condattr_t ca;
@@ -938,6 +933,7 @@ int recv_http_start(const struct recv_config *cfg, const struct recv_store_ops *
     h->ingest = (struct recv_ingest_ctx){
         .ops = ops,
         .st = st,
+        .reg = reg,
         .max_body = cfg->max_body,
         .limits = {.max_decompressed = (size_t)cfg->max_decompressed,
                    .max_records = (size_t)cfg->max_records},

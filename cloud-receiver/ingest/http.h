@@ -14,11 +14,12 @@
 struct recv_http;
 
 /* Start the listeners CFG names (listen.http, and listen.api when set), serving from the
- * store OPS/ST (borrowed: both must outlive the server). TLS key, certificate and client CA
+ * store OPS/ST with the device registry REG (borrowed: all must outlive the server). TLS key, certificate and client CA
  * are read into memory here. On success *OUT is the server and the bound addresses are
  * logged ("[http] listening on HOST:PORT"). Returns 0, or CIS_E* with a reason in ERR. */
 int recv_http_start(const struct recv_config *cfg, const struct recv_store_ops *ops,
-                    struct recv_store *st, struct recv_http **out, char *err, size_t errlen);
+                    struct recv_store *st, struct recv_registry *reg, struct recv_http **out,
+                    char *err, size_t errlen);
 
 /* The bound address of the ingest listener ("127.0.0.1:8443", "[::1]:8443"); borrowed. */
 const char *recv_http_address(const struct recv_http *h);

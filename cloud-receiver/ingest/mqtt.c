@@ -134,9 +134,11 @@ void recv_mqtt_ack_json(int status, const struct recv_ingest_result *res, const 
         return;
     }
     recv_buf_addf(out, "{\"status\":\"%s\",\"error\":",
-                  status == RECV_INGEST_RETRY ? "retry"
-                  : status == RECV_INGEST_OK  ? "retry" /* ok without an answer: out of memory */
-                                              : "rejected");
+                  status == RECV_INGEST_REJECTED ? "rejected"
+                  /* retry: the store failed, or the device may not deliver now (unregistered,
+                   * revoked, another key): the agent keeps the batch. ok without an answer:
+                   * out of memory. */
+                                                 : "retry");
     recv_buf_json_str(out, why ? why : "", why ? strlen(why) : 0);
     recv_buf_add(out, "}", 1);
 }
@@ -419,13 +421,13 @@ static void on_ack_fail(void *ctx, MQTTAsync_failureData5 *resp)
     cis_debug("[mqtt] ack not delivered: %s", failure_why(resp, buf, sizeof buf));
 }
 
-/* 1 when the Content Type property S (LEN bytes) names the batch type (parameters after ';'
- * allowed). */
+/* 1 when the Content Type property S (LEN bytes) names the signed batch type (parameters after
+ * ';' allowed). */
 static int content_type_ok(const char *s, size_t len)
 {
-    size_t n = strlen(CIS_BATCH_CONTENT_TYPE);
+    size_t n = strlen(CIS_SIGNED_BATCH_CONTENT_TYPE);
 
-    if (s == NULL || len < n || strncasecmp(s, CIS_BATCH_CONTENT_TYPE, n) != 0)
+    if (s == NULL || len < n || strncasecmp(s, CIS_SIGNED_BATCH_CONTENT_TYPE, n) != 0)
         return 0;
     for (; n < len && (s[n] == ' ' || s[n] == '\t'); n++)
         ;
@@ -446,7 +448,8 @@ int recv_mqtt_handle(const struct recv_ingest_ctx *ctx, const char *prefix, cons
         out->agent[0] = '\0';
         out->status = RECV_INGEST_REJECTED;
     } else if (content_type != NULL && !content_type_ok(content_type, ct_len)) {
-        snprintf(out->why, sizeof out->why, "Content Type must be " CIS_BATCH_CONTENT_TYPE);
+        snprintf(out->why, sizeof out->why, "Content Type must be " CIS_SIGNED_BATCH_CONTENT_TYPE
+                 " (unsigned batches are not accepted)");
         out->status = RECV_INGEST_REJECTED;
     } else {
         /* The broker's ACL binds the topic to the gateway's identity; the batch must say the
@@ -566,6 +569,8 @@ static void handle_batch(struct recv_mqtt *m, const char *topic, size_t tlen,
         if (!m->store_failing)
             log_store = 1;
         m->store_failing = 1;
+    } else if (status == RECV_INGEST_UNAUTHORIZED) {
+        m->stats.retry++; /* logged by the ingest, once per reason */
     } else {
         m->stats.rejected++;
     }
@@ -995,7 +1000,8 @@ static void destroy(struct recv_mqtt *m)
 }
 
 int recv_mqtt_start(const struct recv_config *cfg, const struct recv_store_ops *ops,
-                    struct recv_store *st, struct recv_mqtt **out, char *err, size_t errlen)
+                    struct recv_store *st, struct recv_registry *reg, struct recv_mqtt **out,
+                    char *err, size_t errlen)
 {
     pthread_condattr_t ca;
     struct recv_mqtt *m;
@@ -1051,6 +1057,7 @@ int recv_mqtt_start(const struct recv_config *cfg, const struct recv_store_ops *
     m->ingest = (struct recv_ingest_ctx){
         .ops = ops,
         .st = st,
+        .reg = reg,
         .max_body = cfg->max_body,
         .limits = {.max_decompressed = (size_t)cfg->max_decompressed,
                    .max_records = (size_t)cfg->max_records},

@@ -20,19 +20,22 @@ struct recv_mqtt_stats {
     uint64_t accepted;   /* records newly stored */
     uint64_t duplicates; /* records that were already stored */
     uint64_t rejected;   /* batches refused (answered "rejected" when possible) */
-    uint64_t retry;      /* batches the store could not take (answered "retry") */
+    uint64_t retry;      /* batches the store could not take, or from a device that may not
+                          * deliver now (answered "retry") */
     uint64_t unanswered; /* batches without a usable Response Topic: no ack could be sent */
 };
 
 /* Start MQTT ingest as CFG's mqtt.* keys say (mqtt.url must be set), storing through OPS/ST
- * (borrowed: both must outlive it; the store must be thread-safe). The strings of CFG are
+ * after the device registry REG has said yes (borrowed: all must outlive it; the store must be
+ * thread-safe). The strings of CFG are
  * copied. Checks that the TLS files can be read, creates the Paho client and one thread that
  * connects, subscribes, reconnects with capped, jittered backoff, and stores and answers the
  * batches Paho hands over. It does not wait for the broker: a receiver may start before its
  * broker, and says so in the log. On success *OUT is the ingest (release with recv_mqtt_stop).
  * Returns 0, or CIS_E* with a reason in ERR. */
 int recv_mqtt_start(const struct recv_config *cfg, const struct recv_store_ops *ops,
-                    struct recv_store *st, struct recv_mqtt **out, char *err, size_t errlen);
+                    struct recv_store *st, struct recv_registry *reg, struct recv_mqtt **out,
+                    char *err, size_t errlen);
 
 /* Stop: no more reconnects or batches (those received but not yet stored are dropped: their
  * agents send them again), disconnect from the broker (the session and the batches queued in it

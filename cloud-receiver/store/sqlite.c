@@ -2,10 +2,14 @@
  * by its own mutex because libmicrohttpd calls handlers from many threads. */
 #include "store/store.h"
 
+#include <errno.h>
+#include <fcntl.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
 #include <sqlite3.h>
 
@@ -14,8 +18,9 @@
 
 /* Version 2: the loss ledger is keyed by the spool that wrote an entry (origin_epoch), not by
  * the epoch it describes. A fresh spool's corrupt_spool entry about the old epoch reuses ids
- * the old spool already sent; under version 1's key it was silently ignored. */
-#define SCHEMA_VERSION 2
+ * the old spool already sent; under version 1's key it was silently ignored.
+ * Version 3: the device registry (devices) and agents.replayed_batches. */
+#define SCHEMA_VERSION 3
 
 #define LOSSES_COLUMNS                                                                             \
     "(agent_id TEXT NOT NULL, origin_epoch INTEGER NOT NULL, id INTEGER NOT NULL,"                 \
@@ -25,6 +30,12 @@
 /* get_gaps reads an epoch's entries in first_seq order. */
 #define LOSSES_INDEX                                                                               \
     "CREATE INDEX IF NOT EXISTS losses_by_epoch ON losses(agent_id, epoch, first_seq);"
+/* The device registry: fingerprint is the SHA-256 of the device key's SubjectPublicKeyInfo,
+ * hmac_secret the shared secret itself (hence the file's mode 0600); either may be NULL. */
+#define DEVICES_TABLE                                                                              \
+    "CREATE TABLE IF NOT EXISTS devices(id TEXT PRIMARY KEY, fingerprint BLOB,"                    \
+    " hmac_secret BLOB, enabled INTEGER NOT NULL, added_ms INTEGER NOT NULL,"                      \
+    " changed_ms INTEGER NOT NULL);"
 
 static const char schema_sql[] =
     "CREATE TABLE IF NOT EXISTS records(agent_id TEXT NOT NULL, epoch INTEGER NOT NULL,"
@@ -33,10 +44,11 @@ static const char schema_sql[] =
     " WITHOUT ROWID;"
     "CREATE TABLE IF NOT EXISTS agents(id TEXT PRIMARY KEY, first_seen_ms INTEGER NOT NULL,"
     " last_seen_ms INTEGER NOT NULL, spool_depth INTEGER NOT NULL DEFAULT 0,"
-    " oldest_pending_ms INTEGER NOT NULL DEFAULT 0, records INTEGER NOT NULL DEFAULT 0);"
-    "CREATE TABLE IF NOT EXISTS losses" LOSSES_COLUMNS ";" LOSSES_INDEX
+    " oldest_pending_ms INTEGER NOT NULL DEFAULT 0, records INTEGER NOT NULL DEFAULT 0,"
+    " replayed_batches INTEGER NOT NULL DEFAULT 0);"
+    "CREATE TABLE IF NOT EXISTS losses" LOSSES_COLUMNS ";" LOSSES_INDEX DEVICES_TABLE
     "CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value INTEGER NOT NULL);"
-    "INSERT OR IGNORE INTO meta(key, value) VALUES('schema_version', 2);";
+    "INSERT OR IGNORE INTO meta(key, value) VALUES('schema_version', 3);";
 
 /* Version 1 -> 2, inside the open transaction: every old entry was written by the spool of
  * the epoch it describes (nothing else could be stored under the old key), so
@@ -50,21 +62,28 @@ static const char upgrade_v1_sql[] =
     "ALTER TABLE losses_v2 RENAME TO losses;" LOSSES_INDEX
     "UPDATE meta SET value = 2 WHERE key = 'schema_version';";
 
+/* Version 2 -> 3, inside the same transaction: old agents have replayed nothing that was
+ * counted, and nobody is registered yet. */
+static const char upgrade_v2_sql[] =
+    "ALTER TABLE agents ADD COLUMN replayed_batches INTEGER NOT NULL DEFAULT 0;" DEVICES_TABLE
+    "UPDATE meta SET value = 3 WHERE key = 'schema_version';";
+
 static const char ins_record_sql[] =
     "INSERT OR IGNORE INTO records(agent_id, epoch, seq, ts_ms, stream, content_type, payload,"
     " received_ms) VALUES(?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)";
 static const char upsert_agent_sql[] =
-    "INSERT INTO agents(id, first_seen_ms, last_seen_ms, spool_depth, oldest_pending_ms, records)"
-    " VALUES(?1, ?2, ?2, ?3, ?4, ?5) ON CONFLICT(id) DO UPDATE SET"
+    "INSERT INTO agents(id, first_seen_ms, last_seen_ms, spool_depth, oldest_pending_ms, records,"
+    " replayed_batches) VALUES(?1, ?2, ?2, ?3, ?4, ?5, ?6) ON CONFLICT(id) DO UPDATE SET"
     " last_seen_ms = max(last_seen_ms, excluded.last_seen_ms),"
     " spool_depth = excluded.spool_depth, oldest_pending_ms = excluded.oldest_pending_ms,"
-    " records = records + excluded.records";
+    " records = records + excluded.records,"
+    " replayed_batches = replayed_batches + excluded.replayed_batches";
 static const char ins_loss_sql[] =
     "INSERT OR IGNORE INTO losses(agent_id, origin_epoch, id, reason, epoch, first_seq, last_seq,"
     " count, ts_ms, detail, received_ms) VALUES(?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)";
 static const char list_agents_sql[] =
-    "SELECT id, first_seen_ms, last_seen_ms, spool_depth, oldest_pending_ms, records"
-    " FROM agents ORDER BY id";
+    "SELECT id, first_seen_ms, last_seen_ms, spool_depth, oldest_pending_ms, records,"
+    " replayed_batches FROM agents ORDER BY id";
 static const char agent_exists_sql[] = "SELECT 1 FROM agents WHERE id = ?1";
 static const char records_all_sql[] =
     "SELECT epoch, seq, ts_ms, stream, content_type, payload, received_ms FROM records"
@@ -99,14 +118,31 @@ static const char gap_holes_sql[] =
 static const char gap_ledger_sql[] =
     "SELECT first_seq, last_seq, origin_epoch, id, reason FROM losses"
     " WHERE agent_id = ?1 AND epoch = ?2 AND last_seq >= first_seq ORDER BY first_seq";
+/* Without REPLACE an existing id is left alone (no change: CIS_EEXIST); with it, added_ms is
+ * kept and the rest replaced. */
+static const char dev_add_sql[] =
+    "INSERT INTO devices(id, fingerprint, hmac_secret, enabled, added_ms, changed_ms)"
+    " VALUES(?1, ?2, ?3, ?4, ?5, ?5) ON CONFLICT(id) DO NOTHING";
+static const char dev_replace_sql[] =
+    "INSERT INTO devices(id, fingerprint, hmac_secret, enabled, added_ms, changed_ms)"
+    " VALUES(?1, ?2, ?3, ?4, ?5, ?5) ON CONFLICT(id) DO UPDATE SET"
+    " fingerprint = excluded.fingerprint, hmac_secret = excluded.hmac_secret,"
+    " enabled = excluded.enabled, changed_ms = excluded.changed_ms";
+static const char dev_set_enabled_sql[] =
+    "UPDATE devices SET enabled = ?2, changed_ms = ?3 WHERE id = ?1";
+#define DEV_COLUMNS "id, fingerprint, hmac_secret, enabled, added_ms, changed_ms"
+static const char dev_get_sql[] = "SELECT " DEV_COLUMNS " FROM devices WHERE id = ?1";
+static const char dev_list_sql[] = "SELECT " DEV_COLUMNS " FROM devices ORDER BY id";
 
 struct recv_store {
     pthread_mutex_t wlock; /* guards wdb and its statements */
     pthread_mutex_t rlock; /* guards rdb and its statements */
     sqlite3 *wdb, *rdb;
     sqlite3_stmt *ins_record, *upsert_agent, *ins_loss;
+    sqlite3_stmt *dev_add, *dev_replace, *dev_set_enabled; /* on wdb */
     sqlite3_stmt *list_agents, *agent_exists, *records_all, *records_epoch;
     sqlite3_stmt *losses, *gap_epochs, *gap_stats, *gap_holes, *gap_ledger;
+    sqlite3_stmt *dev_get, *dev_list; /* on rdb */
     int failing; /* last put_batch failed: warn once, report unhealthy; atomic access */
 };
 
@@ -184,6 +220,11 @@ static void sqlite_close(struct recv_store *s)
     sqlite3_finalize(s->gap_stats);
     sqlite3_finalize(s->gap_holes);
     sqlite3_finalize(s->gap_ledger);
+    sqlite3_finalize(s->dev_add);
+    sqlite3_finalize(s->dev_replace);
+    sqlite3_finalize(s->dev_set_enabled);
+    sqlite3_finalize(s->dev_get);
+    sqlite3_finalize(s->dev_list);
     sqlite3_close(s->rdb);
     sqlite3_close(s->wdb);
     pthread_mutex_destroy(&s->wlock);
@@ -238,17 +279,25 @@ static int schema_setup(sqlite3 *db, const char *path, char *err, size_t errlen)
         return rc;
     if (v == 0 || v == SCHEMA_VERSION)
         return exec(db, schema_sql, err, errlen);
-    if (v == 1) {
+    if (v >= 1 && v < SCHEMA_VERSION) {
+        /* One step per version, all in the caller's transaction: a failure at any step
+         * rolls every step back, and the file keeps its old version. */
+        static const char *const steps[] = {upgrade_v1_sql, upgrade_v2_sql};
         char why[200];
-        rc = exec(db, upgrade_v1_sql, why, sizeof why);
-        if (rc) {
-            snprintf(err, errlen,
-                     "%s: upgrading the schema from version 1 to %d failed, nothing"
-                     " was changed: %s",
-                     path, SCHEMA_VERSION, why);
-            return rc;
+        _Static_assert(sizeof steps / sizeof steps[0] == SCHEMA_VERSION - 1,
+                       "one upgrade step per schema version");
+        for (sqlite3_int64 from = v; from < SCHEMA_VERSION; from++) {
+            rc = exec(db, steps[from - 1], why, sizeof why);
+            if (rc) {
+                snprintf(err, errlen,
+                         "%s: upgrading the schema from version %lld to %d failed, nothing"
+                         " was changed: %s",
+                         path, (long long)v, SCHEMA_VERSION, why);
+                return rc;
+            }
         }
-        cis_info("[store] %s: schema upgraded from version 1 to %d", path, SCHEMA_VERSION);
+        cis_info("[store] %s: schema upgraded from version %lld to %d", path, (long long)v,
+                 SCHEMA_VERSION);
         return 0;
     }
     if (v > SCHEMA_VERSION)
@@ -260,6 +309,55 @@ static int schema_setup(sqlite3 *db, const char *path, char *err, size_t errlen)
         snprintf(err, errlen, "%s: unknown schema version %lld (this receiver knows 1..%d)", path,
                  (long long)v, SCHEMA_VERSION);
     return CIS_EDB;
+}
+
+/* The store holds HMAC secrets: make a new database file mode 0600 whatever the umask, and
+ * take group and other permissions away from an existing one (and its -wal and -shm), which
+ * an older receiver made with the umask's mode. SQLite gives the -wal and -shm files it
+ * creates the database file's mode, so they follow. Returns 0 or CIS_EIO with a reason. */
+static int secure_files(const char *path, char *err, size_t errlen)
+{
+    static const char *const suffixes[] = {"", "-wal", "-shm"};
+    struct stat sb;
+    int fd;
+
+    /* ":memory:" and "" (a private temporary file) have no file of ours. */
+    if (path[0] == '\0' || strcmp(path, ":memory:") == 0)
+        return 0;
+    fd = open(path, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC | O_NOCTTY, 0600);
+    if (fd >= 0) {
+        /* fchmod does not go through the umask: a umask of 0277 would leave 0400 above. */
+        int rc = fchmod(fd, 0600);
+        int e = errno;
+        close(fd);
+        if (rc != 0) {
+            snprintf(err, errlen, "%s: cannot make it mode 0600: %s", path, strerror(e));
+            unlink(path);
+            return CIS_EIO;
+        }
+        return 0;
+    }
+    if (errno != EEXIST) {
+        snprintf(err, errlen, "%s: %s", path, strerror(errno));
+        return CIS_EIO;
+    }
+    for (size_t i = 0; i < sizeof suffixes / sizeof suffixes[0]; i++) {
+        char p[4096];
+        if ((size_t)snprintf(p, sizeof p, "%s%s", path, suffixes[i]) >= sizeof p)
+            continue;
+        if (stat(p, &sb) != 0 || !S_ISREG(sb.st_mode) || (sb.st_mode & 077) == 0)
+            continue;
+        /* Not fatal: a receiver whose user does not own the file keeps running, and the
+         * operator is told why the mode matters. */
+        if (chmod(p, sb.st_mode & 0700) != 0)
+            cis_warn("[store] %s is mode %04o and holds HMAC secrets; cannot make it %04o: %s", p,
+                     (unsigned)(sb.st_mode & 07777), (unsigned)(sb.st_mode & 0700),
+                     strerror(errno));
+        else
+            cis_info("[store] %s: mode %04o -> %04o (it holds HMAC secrets)", p,
+                     (unsigned)(sb.st_mode & 07777), (unsigned)(sb.st_mode & 0700));
+    }
+    return 0;
 }
 
 static int sqlite_open(const struct recv_store_opts *o, struct recv_store **out, char *err,
@@ -278,6 +376,9 @@ static int sqlite_open(const struct recv_store_opts *o, struct recv_store **out,
     pthread_mutex_init(&s->wlock, NULL);
     pthread_mutex_init(&s->rlock, NULL);
 
+    rc = secure_files(o->path, err, errlen);
+    if (rc)
+        goto out;
     rc = open_conn(o, 0, &s->wdb, err, errlen);
     if (rc)
         goto out;
@@ -320,7 +421,12 @@ static int sqlite_open(const struct recv_store_opts *o, struct recv_store **out,
         (rc = prep(s->rdb, gap_epochs_sql, &s->gap_epochs, err, errlen)) ||
         (rc = prep(s->rdb, gap_stats_sql, &s->gap_stats, err, errlen)) ||
         (rc = prep(s->rdb, gap_holes_sql, &s->gap_holes, err, errlen)) ||
-        (rc = prep(s->rdb, gap_ledger_sql, &s->gap_ledger, err, errlen)))
+        (rc = prep(s->rdb, gap_ledger_sql, &s->gap_ledger, err, errlen)) ||
+        (rc = prep(s->wdb, dev_add_sql, &s->dev_add, err, errlen)) ||
+        (rc = prep(s->wdb, dev_replace_sql, &s->dev_replace, err, errlen)) ||
+        (rc = prep(s->wdb, dev_set_enabled_sql, &s->dev_set_enabled, err, errlen)) ||
+        (rc = prep(s->rdb, dev_get_sql, &s->dev_get, err, errlen)) ||
+        (rc = prep(s->rdb, dev_list_sql, &s->dev_list, err, errlen)))
         goto out;
     *out = s;
     s = NULL;
@@ -345,7 +451,7 @@ static int sqlite_put_batch(struct recv_store *s, const struct cis_decoded_batch
     const char *agent = h->agent_id;
     sqlite3_int64 epoch = (sqlite3_int64)h->epoch;
     uint64_t accepted = 0, duplicates = 0;
-    int rc = SQLITE_OK, in_tx = 0;
+    int rc = SQLITE_OK, in_tx = 0, replay = 0;
 
     pthread_mutex_lock(&s->wlock);
     /* The whole batch is one transaction: the agent is acknowledged only after COMMIT, and a
@@ -392,6 +498,10 @@ static int sqlite_put_batch(struct recv_store *s, const struct cis_decoded_batch
                                                             : (sqlite3_int64)h->spool_depth);
     sqlite3_bind_int64(s->upsert_agent, 4, h->oldest_pending_ms);
     sqlite3_bind_int64(s->upsert_agent, 5, (sqlite3_int64)accepted);
+    /* A replay: records, none of them new (a retry after a lost answer, or a capture sent
+     * again). Counted in this transaction, so the count is exactly the replays stored. */
+    replay = accepted == 0 && duplicates > 0;
+    sqlite3_bind_int64(s->upsert_agent, 6, replay);
     rc = step_done(s->upsert_agent);
     if (rc != SQLITE_OK)
         goto out;
@@ -436,6 +546,7 @@ out:
         __atomic_store_n(&s->failing, 0, __ATOMIC_RELAXED);
         res->accepted = accepted;
         res->duplicates = duplicates;
+        res->replay = replay;
     }
     pthread_mutex_unlock(&s->wlock);
     return rc == SQLITE_OK ? 0 : sqlite_err(rc);
@@ -455,6 +566,7 @@ static int sqlite_list_agents(struct recv_store *s, recv_agent_cb cb, void *ud)
             .spool_depth = sqlite3_column_int64(st, 3),
             .oldest_pending_ms = sqlite3_column_int64(st, 4),
             .records = sqlite3_column_int64(st, 5),
+            .replayed_batches = sqlite3_column_int64(st, 6),
         };
         if (a.id == NULL)
             a.id = "";
@@ -867,6 +979,150 @@ static int sqlite_health(struct recv_store *s)
     return rc == SQLITE_OK ? 0 : CIS_EDB;
 }
 
+/* ---- the device registry ---- */
+
+/* Overwrite the secret of D: copies of a registry entry must not linger on the stack. */
+static void device_wipe(struct recv_device *d)
+{
+    explicit_bzero(d->secret, sizeof d->secret);
+    d->secret_len = 0;
+}
+
+static int sqlite_device_put(struct recv_store *s, const struct recv_device *d, int replace,
+                             int64_t now_ms)
+{
+    size_t idlen = strnlen(d->id, sizeof d->id);
+    sqlite3_stmt *st = replace ? s->dev_replace : s->dev_add;
+    int rc;
+
+    if (idlen == 0 || idlen == sizeof d->id || d->secret_len > sizeof d->secret)
+        return CIS_EINVAL;
+    pthread_mutex_lock(&s->wlock);
+    /* One statement, so one transaction: the registry never shows half a device. */
+    sqlite3_bind_text(st, 1, d->id, (int)idlen, SQLITE_STATIC);
+    if (d->has_fpr)
+        sqlite3_bind_blob(st, 2, d->fpr, (int)sizeof d->fpr, SQLITE_STATIC);
+    else
+        sqlite3_bind_null(st, 2);
+    if (d->secret_len > 0)
+        sqlite3_bind_blob(st, 3, d->secret, (int)d->secret_len, SQLITE_STATIC);
+    else
+        sqlite3_bind_null(st, 3);
+    sqlite3_bind_int(st, 4, d->enabled ? 1 : 0);
+    sqlite3_bind_int64(st, 5, now_ms);
+    rc = step_done(st);
+    if (rc != SQLITE_OK)
+        cis_warn("[store] device %s not registered: %s", d->id, sqlite3_errmsg(s->wdb));
+    else if (sqlite3_changes(s->wdb) == 0)
+        rc = -1; /* the id was there already and REPLACE is 0 */
+    pthread_mutex_unlock(&s->wlock);
+    if (rc == -1)
+        return CIS_EEXIST;
+    return rc == SQLITE_OK ? 0 : sqlite_err(rc);
+}
+
+/* Fill D from the current row of ST (DEV_COLUMNS). Returns 0, or CIS_EDB when the row cannot
+ * be a device this code wrote (a fingerprint or secret of another size, an id too long). */
+static int device_row(sqlite3_stmt *st, struct recv_device *d)
+{
+    /* Types first (a conversion would change them), and by type, not by pointer: an empty
+     * BLOB reads as a NULL pointer too. */
+    int fpr_null = sqlite3_column_type(st, 1) == SQLITE_NULL;
+    int secret_null = sqlite3_column_type(st, 2) == SQLITE_NULL;
+    const char *id = (const char *)sqlite3_column_text(st, 0);
+    int idlen = sqlite3_column_bytes(st, 0);
+    const void *fpr = sqlite3_column_blob(st, 1);
+    int fprlen = sqlite3_column_bytes(st, 1);
+    const void *secret = sqlite3_column_blob(st, 2);
+    int secretlen = sqlite3_column_bytes(st, 2);
+
+    memset(d, 0, sizeof *d);
+    if (id == NULL || idlen <= 0 || (size_t)idlen >= sizeof d->id)
+        return CIS_EDB;
+    memcpy(d->id, id, (size_t)idlen);
+    if (!fpr_null) {
+        if (fpr == NULL || fprlen != (int)sizeof d->fpr)
+            return CIS_EDB;
+        memcpy(d->fpr, fpr, sizeof d->fpr);
+        d->has_fpr = 1;
+    }
+    if (!secret_null) {
+        if (secret == NULL || secretlen <= 0 || (size_t)secretlen > sizeof d->secret)
+            return CIS_EDB;
+        memcpy(d->secret, secret, (size_t)secretlen);
+        d->secret_len = (size_t)secretlen;
+    }
+    d->enabled = sqlite3_column_int(st, 3) != 0;
+    d->added_ms = sqlite3_column_int64(st, 4);
+    d->changed_ms = sqlite3_column_int64(st, 5);
+    return 0;
+}
+
+static int sqlite_device_get(struct recv_store *s, const char *id, struct recv_device *out)
+{
+    sqlite3_stmt *st = s->dev_get;
+    int rc, ret;
+
+    pthread_mutex_lock(&s->rlock);
+    /* Each step of a statement in autocommit mode reads the newest commit: a change made by
+     * `cistern-receiver device` in another process shows on the next lookup. */
+    sqlite3_bind_text(st, 1, id, -1, SQLITE_STATIC);
+    rc = sqlite3_step(st);
+    if (rc == SQLITE_ROW)
+        ret = device_row(st, out);
+    else
+        ret = rc == SQLITE_DONE ? CIS_ENOTFOUND : CIS_EDB;
+    stmt_done(st);
+    pthread_mutex_unlock(&s->rlock);
+    if (ret == CIS_EDB)
+        device_wipe(out);
+    return ret;
+}
+
+static int sqlite_device_list(struct recv_store *s, recv_device_cb cb, void *ud)
+{
+    sqlite3_stmt *st = s->dev_list;
+    struct recv_device d = {0};
+    int rc, ret = 0;
+
+    pthread_mutex_lock(&s->rlock);
+    while ((rc = sqlite3_step(st)) == SQLITE_ROW) {
+        ret = device_row(st, &d);
+        if (ret == 0)
+            ret = cb(ud, &d);
+        if (ret)
+            break;
+    }
+    if (ret == 0 && rc != SQLITE_DONE)
+        ret = CIS_EDB;
+    stmt_done(st);
+    pthread_mutex_unlock(&s->rlock);
+    device_wipe(&d);
+    return ret;
+}
+
+static int sqlite_device_set_enabled(struct recv_store *s, const char *id, int enabled,
+                                     int64_t now_ms)
+{
+    sqlite3_stmt *st = s->dev_set_enabled;
+    int rc, changed = 0;
+
+    pthread_mutex_lock(&s->wlock);
+    sqlite3_bind_text(st, 1, id, -1, SQLITE_STATIC);
+    sqlite3_bind_int(st, 2, enabled ? 1 : 0);
+    sqlite3_bind_int64(st, 3, now_ms);
+    rc = step_done(st);
+    if (rc != SQLITE_OK)
+        cis_warn("[store] device %s not %s: %s", id, enabled ? "enabled" : "revoked",
+                 sqlite3_errmsg(s->wdb));
+    else
+        changed = sqlite3_changes(s->wdb);
+    pthread_mutex_unlock(&s->wlock);
+    if (rc != SQLITE_OK)
+        return CIS_EDB;
+    return changed ? 0 : CIS_ENOTFOUND;
+}
+
 const struct recv_store_ops recv_store_sqlite = {
     .name = "sqlite",
     .open = sqlite_open,
@@ -877,4 +1133,8 @@ const struct recv_store_ops recv_store_sqlite = {
     .get_losses = sqlite_get_losses,
     .get_gaps = sqlite_get_gaps,
     .health = sqlite_health,
+    .device_put = sqlite_device_put,
+    .device_get = sqlite_device_get,
+    .device_list = sqlite_device_list,
+    .device_set_enabled = sqlite_device_set_enabled,
 };

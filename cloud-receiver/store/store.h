@@ -8,6 +8,7 @@
 #include <stdint.h>
 
 #include <cistern/codec.h>
+#include <cistern/sign.h>
 
 struct recv_store; /* backend-specific handle */
 
@@ -20,6 +21,7 @@ struct recv_store_opts {
 struct recv_put_result {
     uint64_t accepted;   /* records newly stored */
     uint64_t duplicates; /* records already present under their key */
+    int replay;          /* the batch had records and none was new: counted in the agent row */
 };
 
 /* Views handed to callbacks; valid only during the callback. */
@@ -29,6 +31,20 @@ struct recv_agent_info {
     int64_t spool_depth;
     int64_t oldest_pending_ms;
     int64_t records;
+    int64_t replayed_batches; /* batches with records of which none was new */
+};
+
+/* One entry of the device registry: the agents allowed to deliver, and the credentials their
+ * batches must be signed with. Plain data (no pointers) so a cache can copy it. */
+#define RECV_DEVICE_ID_MAX 257 /* an agent id is at most 256 characters, plus NUL */
+struct recv_device {
+    char id[RECV_DEVICE_ID_MAX];
+    int has_fpr;                       /* 1: FPR is the fingerprint of its ECDSA P-256 key */
+    uint8_t fpr[CIS_FPR_LEN];
+    size_t secret_len;                 /* 0: no HMAC secret */
+    uint8_t secret[CIS_HMAC_SECRET_MAX];
+    int enabled;                       /* 0: revoked */
+    int64_t added_ms, changed_ms;      /* changed: the last add, revoke or enable */
 };
 
 struct recv_record_view {
@@ -95,6 +111,7 @@ typedef int (*recv_agent_cb)(void *ud, const struct recv_agent_info *a);
 typedef int (*recv_record_cb)(void *ud, const struct recv_record_view *r);
 typedef int (*recv_loss_cb)(void *ud, const struct recv_loss_view *l);
 typedef int (*recv_gaps_cb)(void *ud, const struct recv_epoch_gaps *e);
+typedef int (*recv_device_cb)(void *ud, const struct recv_device *d);
 
 struct recv_store_ops {
     const char *name;
@@ -128,6 +145,20 @@ struct recv_store_ops {
                     void *ud);
     /* 0 when the store answers queries, CIS_EDB otherwise. Thread-safe. */
     int (*health)(struct recv_store *s);
+
+    /* The device registry. Every call is one transaction and thread-safe; other processes
+     * (`cistern-receiver device ...`) may change the registry while a receiver runs. */
+    /* Add D (D->added_ms and changed_ms are set to NOW_MS). CIS_EEXIST when D->id is already
+     * registered and REPLACE is 0; with REPLACE its credentials and enabled flag are replaced
+     * and added_ms kept. */
+    int (*device_put)(struct recv_store *s, const struct recv_device *d, int replace,
+                      int64_t now_ms);
+    /* Fill OUT for ID. 0, CIS_ENOTFOUND or CIS_EDB. */
+    int (*device_get)(struct recv_store *s, const char *id, struct recv_device *out);
+    /* Call CB for every device, ordered by id. */
+    int (*device_list)(struct recv_store *s, recv_device_cb cb, void *ud);
+    /* Set ID's enabled flag (0: revoke) and changed_ms. 0, CIS_ENOTFOUND or CIS_EDB. */
+    int (*device_set_enabled)(struct recv_store *s, const char *id, int enabled, int64_t now_ms);
 };
 
 extern const struct recv_store_ops recv_store_sqlite;

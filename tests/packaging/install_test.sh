@@ -578,6 +578,13 @@ run_unit receiver
 recv_pid=$UNIT_PID
 check_creds receiver "$recv_pid"
 wait_healthz "$recv_pid" "$api"
+# As an operator would: as root, with the certificate. The store belongs to cistern; the
+# command switches to its owner, so no file of the store ends up owned by root.
+checkv "cistern-receiver device add $agent_id --key /etc/cistern/device.pem (as root)" \
+    /usr/bin/cistern-receiver --config /etc/cistern/receiver.yaml device add "$agent_id" \
+    --key /etc/cistern/device.pem
+check "the store's files still belong to cistern after device add" \
+    bash -c '! find /var/lib/cistern -name "store.db*" ! -user cistern | grep .'
 run_unit agent
 agent_pid=$UNIT_PID
 agent_reload=$UNIT_RELOAD

@@ -7,6 +7,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <cmocka.h>
@@ -131,6 +132,7 @@ static void test_put_twice_dedups(void **state)
     assert_int_equal(recv_store_sqlite.put_batch(f->st, &b, 5000, &r), 0);
     assert_int_equal(r.accepted, 5);
     assert_int_equal(r.duplicates, 0);
+    assert_int_equal(r.replay, 0);
     recv_api_ingest_answer(&b, &r, &out);
     assert_string_equal(out.p, "{\"accepted\":5,\"duplicates\":0,\"acked\":[[\"1311768467294899695\","
                                "10,12],[\"1311768467294899695\",13,14]]}");
@@ -140,6 +142,7 @@ static void test_put_twice_dedups(void **state)
     assert_int_equal(recv_store_sqlite.put_batch(f->st, &b, 6000, &r), 0);
     assert_int_equal(r.accepted, 0);
     assert_int_equal(r.duplicates, 5);
+    assert_int_equal(r.replay, 1);
     cis_batch_free(&b);
 
     /* overlapping batch: 2 old, 3 new */
@@ -147,6 +150,7 @@ static void test_put_twice_dedups(void **state)
     assert_int_equal(recv_store_sqlite.put_batch(f->st, &b, 7000, &r), 0);
     assert_int_equal(r.accepted, 3);
     assert_int_equal(r.duplicates, 2);
+    assert_int_equal(r.replay, 0); /* some records were new */
     cis_batch_free(&b);
 }
 
@@ -170,9 +174,11 @@ static void test_agents_and_losses(void **state)
     assert_int_equal(recv_api_agents(&recv_store_sqlite, f->st, &out), 0);
     assert_string_equal(out.p,
                         "{\"agents\":[{\"id\":\"gw-1\",\"first_seen_ms\":6000,\"last_seen_ms\":6000,"
-                        "\"spool_depth\":7,\"oldest_pending_ms\":5,\"records\":2},"
+                        "\"spool_depth\":7,\"oldest_pending_ms\":5,\"records\":2,"
+                        "\"replayed_batches\":0},"
                         "{\"id\":\"gw-2\",\"first_seen_ms\":5000,\"last_seen_ms\":9000,"
-                        "\"spool_depth\":7,\"oldest_pending_ms\":5,\"records\":4}]}");
+                        "\"spool_depth\":7,\"oldest_pending_ms\":5,\"records\":4,"
+                        "\"replayed_batches\":1}]}");
     recv_buf_free(&out);
 
     /* the loss entry is stored once per agent, although it came twice */
@@ -655,11 +661,11 @@ static void test_upgrade_v1(void **state)
     rm_db(path);
 
     /* A newer version is refused and the file is left alone. */
-    make_v1(path, "UPDATE meta SET value = 3");
+    make_v1(path, "UPDATE meta SET value = 4");
     assert_int_equal(recv_store_sqlite.open(&o, &f->st, err, sizeof err), CIS_EDB);
-    assert_non_null(strstr(err, "schema version 3"));
+    assert_non_null(strstr(err, "schema version 4"));
     assert_non_null(strstr(err, "newer receiver"));
-    assert_int_equal(sql_int(path, "SELECT value FROM meta"), 3);
+    assert_int_equal(sql_int(path, "SELECT value FROM meta"), 4);
     rm_db(path);
 
     /* An upgrade that fails half-way changes nothing: it is one transaction. The broken view
@@ -678,7 +684,10 @@ static void test_upgrade_v1(void **state)
 
     make_v1(path, NULL);
     assert_int_equal(recv_store_sqlite.open(&o, &f->st, err, sizeof err), 0);
-    assert_int_equal(sql_int(path, "SELECT value FROM meta WHERE key = 'schema_version'"), 2);
+    /* 1 -> 2 -> 3 in one go */
+    assert_int_equal(sql_int(path, "SELECT value FROM meta WHERE key = 'schema_version'"), 3);
+    assert_int_equal(sql_int(path, "SELECT count(*) FROM sqlite_master WHERE name = 'devices'"), 1);
+    assert_int_equal(sql_int(path, "SELECT replayed_batches FROM agents WHERE id = 'gw-u'"), 0);
     assert_int_equal(sql_int(path, "SELECT count(*) FROM sqlite_master WHERE name = 'losses_v2'"),
                      0);
     assert_int_equal(sql_int(path, "SELECT count(*) FROM sqlite_master"
@@ -707,12 +716,330 @@ static void test_upgrade_v1(void **state)
     assert_gaps(f, "gw-u", 5, 0,
                 "5 recv=3 hi=9 4-6:evicted_full 7-8:expired_ttl 9-9:corrupt_spool");
 
-    /* reopening a version 2 store is a no-op */
+    /* reopening a version 3 store is a no-op */
     recv_store_sqlite.close(f->st);
     f->st = NULL;
     assert_int_equal(recv_store_sqlite.open(&o, &f->st, err, sizeof err), 0);
     assert_int_equal(sql_int(path, "SELECT count(*) FROM losses"), 3);
-    assert_int_equal(sql_int(path, "SELECT value FROM meta WHERE key = 'schema_version'"), 2);
+    assert_int_equal(sql_int(path, "SELECT value FROM meta WHERE key = 'schema_version'"), 3);
+}
+
+/* ---- version 2 -> 3, the device registry, replays, the file's mode ---- */
+
+/* The receiver store's schema version 2, as released. */
+static const char schema_v2_sql[] =
+    "CREATE TABLE records(agent_id TEXT NOT NULL, epoch INTEGER NOT NULL,"
+    " seq INTEGER NOT NULL, ts_ms INTEGER NOT NULL, stream TEXT NOT NULL, content_type TEXT,"
+    " payload BLOB NOT NULL, received_ms INTEGER NOT NULL, PRIMARY KEY(agent_id, epoch, seq))"
+    " WITHOUT ROWID;"
+    "CREATE TABLE agents(id TEXT PRIMARY KEY, first_seen_ms INTEGER NOT NULL,"
+    " last_seen_ms INTEGER NOT NULL, spool_depth INTEGER NOT NULL DEFAULT 0,"
+    " oldest_pending_ms INTEGER NOT NULL DEFAULT 0, records INTEGER NOT NULL DEFAULT 0);"
+    "CREATE TABLE losses(agent_id TEXT NOT NULL, origin_epoch INTEGER NOT NULL,"
+    " id INTEGER NOT NULL, reason TEXT NOT NULL, epoch INTEGER NOT NULL,"
+    " first_seq INTEGER NOT NULL, last_seq INTEGER NOT NULL, count INTEGER NOT NULL,"
+    " ts_ms INTEGER NOT NULL, detail TEXT, received_ms INTEGER NOT NULL,"
+    " PRIMARY KEY(agent_id, origin_epoch, id));"
+    "CREATE INDEX losses_by_epoch ON losses(agent_id, epoch, first_seq);"
+    "CREATE TABLE meta(key TEXT PRIMARY KEY, value INTEGER NOT NULL);"
+    "INSERT INTO meta(key, value) VALUES('schema_version', 2);"
+    "INSERT INTO agents VALUES('gw-v2', 900, 2000, 4, 3, 2);"
+    "INSERT INTO records VALUES('gw-v2', 5, 1, 7, 's', NULL, x'01', 900),"
+    " ('gw-v2', 5, 2, 7, 's', 'text/plain', x'02', 900);"
+    "INSERT INTO losses VALUES('gw-v2', 5, 1, 'evicted_full', 5, 3, 6, 4, 99, 'full', 2000);";
+
+/* Run SQL against the store file through a separate connection. */
+static void sql_exec(const char *path, const char *sql)
+{
+    sqlite3 *db;
+
+    assert_int_equal(sqlite3_open(path, &db), SQLITE_OK);
+    sqlite3_busy_timeout(db, 5000);
+    assert_int_equal(sqlite3_exec(db, sql, NULL, NULL, NULL), SQLITE_OK);
+    sqlite3_close(db);
+}
+
+static void test_upgrade_v2(void **state)
+{
+    struct fixture *f = *state;
+    struct recv_store_opts o = {.path = f->path, .busy_timeout_ms = 1000};
+    struct recv_device d = {.id = "gw-v2", .enabled = 1}, g;
+    const uint64_t r[] = {1, 2};
+    const char *path = f->path;
+    char err[256];
+
+    recv_store_sqlite.close(f->st);
+    f->st = NULL;
+    rm_db(path);
+
+    /* A failure in the last step undoes the earlier ones too: one transaction. Here agents
+     * has the new column already, so 2 -> 3's ALTER TABLE fails after 1 -> 2 rebuilt losses. */
+    make_v1(path, "ALTER TABLE agents ADD COLUMN replayed_batches INTEGER");
+    assert_int_equal(recv_store_sqlite.open(&o, &f->st, err, sizeof err), CIS_EDB);
+    assert_non_null(strstr(err, "from version 1 to 3 failed, nothing was changed"));
+    assert_int_equal(sql_int(path, "SELECT value FROM meta"), 1);
+    assert_int_equal(sql_int(path, "SELECT count(*) FROM pragma_table_info('losses')"
+                                   " WHERE name = 'origin_epoch'"),
+                     0);
+    assert_int_equal(sql_int(path, "SELECT count(*) FROM sqlite_master WHERE name = 'devices'"), 0);
+    rm_db(path);
+
+    sql_exec(path, schema_v2_sql);
+    assert_int_equal(recv_store_sqlite.open(&o, &f->st, err, sizeof err), 0);
+    assert_int_equal(sql_int(path, "SELECT value FROM meta WHERE key = 'schema_version'"), 3);
+    assert_int_equal(sql_int(path, "SELECT count(*) FROM sqlite_master WHERE type = 'table'"
+                                   " AND name = 'devices'"),
+                     1);
+    assert_int_equal(sql_int(path, "SELECT count(*) FROM devices"), 0);
+    /* rows kept, the new column 0 */
+    assert_int_equal(sql_int(path, "SELECT count(*) FROM agents WHERE id = 'gw-v2'"
+                                   " AND first_seen_ms = 900 AND last_seen_ms = 2000"
+                                   " AND spool_depth = 4 AND oldest_pending_ms = 3"
+                                   " AND records = 2 AND replayed_batches = 0"),
+                     1);
+    assert_int_equal(sql_int(path, "SELECT count(*) FROM records WHERE agent_id = 'gw-v2'"
+                                   " AND hex(payload) = printf('%02d', seq)"),
+                     2);
+    assert_int_equal(sql_int(path, "SELECT count(*) FROM losses WHERE origin_epoch = 5"
+                                   " AND reason = 'evicted_full' AND detail = 'full'"),
+                     1);
+    /* and it works as a version 3 store: a replay of the stored records is counted */
+    put(f, "gw-v2", 5, r, 1, NULL, 0, 3000);
+    assert_int_equal(sql_int(path, "SELECT replayed_batches FROM agents WHERE id = 'gw-v2'"), 1);
+    assert_int_equal(recv_store_sqlite.device_put(f->st, &d, 0, 4000), 0);
+    assert_int_equal(recv_store_sqlite.device_get(f->st, "gw-v2", &g), 0);
+    assert_int_equal(g.added_ms, 4000);
+
+    /* reopened: nothing to do */
+    recv_store_sqlite.close(f->st);
+    f->st = NULL;
+    assert_int_equal(recv_store_sqlite.open(&o, &f->st, err, sizeof err), 0);
+    assert_int_equal(sql_int(path, "SELECT count(*) FROM devices"), 1);
+    assert_int_equal(sql_int(path, "SELECT value FROM meta WHERE key = 'schema_version'"), 3);
+}
+
+static int collect_ids(void *ud, const struct recv_device *d)
+{
+    struct recv_buf *b = ud;
+
+    recv_buf_addf(b, "%s%s:%s:%s:%zu", b->len ? "," : "", d->id, d->enabled ? "on" : "off",
+                  d->has_fpr ? "key" : "-", d->secret_len);
+    return 0;
+}
+
+static int stop_at_second(void *ud, const struct recv_device *d)
+{
+    int *n = ud;
+
+    (void)d;
+    return ++*n == 2 ? 42 : 0;
+}
+
+static void test_devices(void **state)
+{
+    struct fixture *f = *state;
+    const struct recv_store_ops *ops = &recv_store_sqlite;
+    struct recv_device d, g;
+    struct recv_buf out = {0};
+    uint8_t secret[CIS_HMAC_SECRET_MAX];
+    int n = 0;
+
+    memset(&d, 0, sizeof d);
+    snprintf(d.id, sizeof d.id, "gw-d1");
+    d.has_fpr = 1;
+    memset(d.fpr, 0xab, sizeof d.fpr);
+    for (size_t i = 0; i < sizeof secret; i++)
+        secret[i] = (uint8_t)(i * 7 + 1);
+    d.secret_len = 40;
+    memcpy(d.secret, secret, 40);
+    d.enabled = 1;
+    assert_int_equal(ops->device_put(f->st, &d, 0, 1000), 0);
+
+    memset(&g, 0x5a, sizeof g);
+    assert_int_equal(ops->device_get(f->st, "gw-d1", &g), 0);
+    assert_string_equal(g.id, "gw-d1");
+    assert_int_equal(g.has_fpr, 1);
+    assert_memory_equal(g.fpr, d.fpr, sizeof d.fpr);
+    assert_int_equal(g.secret_len, 40);
+    assert_memory_equal(g.secret, secret, 40);
+    assert_int_equal(g.enabled, 1);
+    assert_int_equal(g.added_ms, 1000);
+    assert_int_equal(g.changed_ms, 1000);
+    /* the row itself */
+    assert_int_equal(sql_int(f->path, "SELECT count(*) FROM devices WHERE id = 'gw-d1'"
+                                      " AND hex(fingerprint) = 'ABABABABABABABABABABABABABABABAB"
+                                      "ABABABABABABABABABABABABABABABAB' AND length(hmac_secret)"
+                                      " = 40 AND enabled = 1 AND added_ms = 1000"
+                                      " AND changed_ms = 1000"),
+                     1);
+
+    /* an id registered already: refused, and nothing changes */
+    d.enabled = 0;
+    d.has_fpr = 0;
+    assert_int_equal(ops->device_put(f->st, &d, 0, 2000), CIS_EEXIST);
+    assert_int_equal(sql_int(f->path, "SELECT count(*) FROM devices WHERE id = 'gw-d1'"
+                                      " AND fingerprint IS NOT NULL AND enabled = 1"
+                                      " AND changed_ms = 1000"),
+                     1);
+
+    /* replaced: new credentials and flag, added_ms kept */
+    d.secret_len = 32;
+    memcpy(d.secret, secret + 8, 32);
+    assert_int_equal(ops->device_put(f->st, &d, 1, 3000), 0);
+    assert_int_equal(ops->device_get(f->st, "gw-d1", &g), 0);
+    assert_int_equal(g.has_fpr, 0);
+    assert_int_equal(g.secret_len, 32);
+    assert_memory_equal(g.secret, secret + 8, 32);
+    assert_int_equal(g.enabled, 0);
+    assert_int_equal(g.added_ms, 1000);
+    assert_int_equal(g.changed_ms, 3000);
+    assert_int_equal(sql_int(f->path, "SELECT count(*) FROM devices"), 1);
+    assert_int_equal(sql_int(f->path, "SELECT fingerprint IS NULL FROM devices"), 1);
+
+    /* enable / revoke */
+    assert_int_equal(ops->device_set_enabled(f->st, "gw-d1", 1, 4000), 0);
+    assert_int_equal(sql_int(f->path, "SELECT enabled FROM devices WHERE id = 'gw-d1'"), 1);
+    assert_int_equal(ops->device_get(f->st, "gw-d1", &g), 0);
+    assert_int_equal(g.enabled, 1);
+    assert_int_equal(g.changed_ms, 4000);
+    assert_int_equal(g.added_ms, 1000);
+    assert_int_equal(ops->device_set_enabled(f->st, "gw-d1", 0, 5000), 0);
+    assert_int_equal(sql_int(f->path, "SELECT enabled FROM devices WHERE id = 'gw-d1'"), 0);
+
+    /* unknown ids */
+    assert_int_equal(ops->device_get(f->st, "nobody", &g), CIS_ENOTFOUND);
+    assert_int_equal(ops->device_set_enabled(f->st, "nobody", 0, 6000), CIS_ENOTFOUND);
+    assert_int_equal(sql_int(f->path, "SELECT count(*) FROM devices WHERE id = 'nobody'"), 0);
+
+    /* bad input changes nothing */
+    memset(&g, 0, sizeof g);
+    assert_int_equal(ops->device_put(f->st, &g, 0, 1), CIS_EINVAL); /* empty id */
+    memset(g.id, 'a', sizeof g.id);                                 /* no NUL */
+    assert_int_equal(ops->device_put(f->st, &g, 0, 1), CIS_EINVAL);
+    snprintf(g.id, sizeof g.id, "gw-x");
+    g.secret_len = CIS_HMAC_SECRET_MAX + 1;
+    assert_int_equal(ops->device_put(f->st, &g, 0, 1), CIS_EINVAL);
+    assert_int_equal(sql_int(f->path, "SELECT count(*) FROM devices"), 1);
+
+    /* list: ordered by id */
+    memset(&g, 0, sizeof g);
+    snprintf(g.id, sizeof g.id, "gw-z");
+    g.has_fpr = 1;
+    g.enabled = 1;
+    assert_int_equal(ops->device_put(f->st, &g, 0, 7000), 0);
+    snprintf(g.id, sizeof g.id, "gw-a");
+    g.has_fpr = 0;
+    g.secret_len = 32;
+    assert_int_equal(ops->device_put(f->st, &g, 0, 7000), 0);
+    assert_int_equal(ops->device_list(f->st, collect_ids, &out), 0);
+    assert_string_equal(out.p, "gw-a:on:-:32,gw-d1:off:-:32,gw-z:on:key:0");
+    recv_buf_free(&out);
+    /* a callback's non-zero value stops the walk and is returned */
+    assert_int_equal(ops->device_list(f->st, stop_at_second, &n), 42);
+    assert_int_equal(n, 2);
+
+    /* a row this code cannot have written is an error, not a device */
+    sql_exec(f->path, "UPDATE devices SET fingerprint = x'0102' WHERE id = 'gw-z'");
+    assert_int_equal(ops->device_get(f->st, "gw-z", &g), CIS_EDB);
+    assert_int_equal(ops->device_list(f->st, collect_ids, &out), CIS_EDB);
+    recv_buf_free(&out);
+}
+
+static int replays_of(void *ud, const struct recv_agent_info *a)
+{
+    int64_t *v = ud;
+
+    if (strcmp(a->id, "gw-r") == 0)
+        *v = a->replayed_batches;
+    return 0;
+}
+
+static void test_replay_counted(void **state)
+{
+    struct fixture *f = *state;
+    struct cis_decoded_batch b;
+    struct recv_put_result r;
+    int64_t replays = -1;
+
+    make_batch("gw-r", EPOCH, 1, 2, 1, &b);
+    memset(&r, 0x7f, sizeof r);
+    assert_int_equal(recv_store_sqlite.put_batch(f->st, &b, 1000, &r), 0);
+    assert_int_equal(r.replay, 0);
+    assert_int_equal(sql_int(f->path, "SELECT replayed_batches FROM agents WHERE id = 'gw-r'"), 0);
+    memset(&r, 0x7f, sizeof r);
+    assert_int_equal(recv_store_sqlite.put_batch(f->st, &b, 2000, &r), 0);
+    assert_int_equal(r.replay, 1);
+    assert_int_equal(r.duplicates, 3);
+    assert_int_equal(sql_int(f->path, "SELECT replayed_batches FROM agents WHERE id = 'gw-r'"), 1);
+    assert_int_equal(recv_store_sqlite.list_agents(f->st, replays_of, &replays), 0);
+    assert_int_equal(replays, 1);
+    assert_int_equal(sql_int(f->path, "SELECT records FROM agents WHERE id = 'gw-r'"), 3);
+    cis_batch_free(&b);
+
+    /* part new, part old: not a replay */
+    make_batch("gw-r", EPOCH, 3, 1, 1, &b);
+    assert_int_equal(recv_store_sqlite.put_batch(f->st, &b, 3000, &r), 0);
+    assert_int_equal(r.replay, 0);
+    assert_int_equal(r.accepted, 1);
+    assert_int_equal(sql_int(f->path, "SELECT replayed_batches FROM agents WHERE id = 'gw-r'"), 1);
+    cis_batch_free(&b);
+}
+
+/* Mode bits of PATH. */
+static unsigned file_mode(const char *path)
+{
+    struct stat sb;
+
+    assert_int_equal(stat(path, &sb), 0);
+    return (unsigned)(sb.st_mode & 07777);
+}
+
+static void test_file_mode(void **state)
+{
+    struct fixture *f = *state;
+    struct recv_store_opts o = {.path = f->path, .busy_timeout_ms = 1000};
+    char wal[200], shm[200], err[256];
+    sqlite3 *db;
+    mode_t old;
+
+    snprintf(wal, sizeof wal, "%s-wal", f->path);
+    snprintf(shm, sizeof shm, "%s-shm", f->path);
+    recv_store_sqlite.close(f->st);
+    f->st = NULL;
+
+    /* New files: 0600 under a lax umask and under a strict one. */
+    for (int i = 0; i < 2; i++) {
+        rm_db(f->path);
+        old = umask(i == 0 ? 022 : 0277);
+        assert_int_equal(recv_store_sqlite.open(&o, &f->st, err, sizeof err), 0);
+        umask(old);
+        assert_int_equal(file_mode(f->path), 0600);
+        assert_int_equal(file_mode(wal), 0600); /* both exist while the store is open */
+        assert_int_equal(file_mode(shm), 0600);
+        recv_store_sqlite.close(f->st);
+        f->st = NULL;
+    }
+
+    /* An older receiver's store, 0644 by the umask, open in WAL mode by another process (a
+     * receiver still running), so its -wal and -shm exist: all three lose group and other
+     * access. */
+    rm_db(f->path);
+    old = umask(022);
+    sql_exec(f->path, schema_v2_sql);
+    assert_int_equal(sqlite3_open(f->path, &db), SQLITE_OK);
+    assert_int_equal(sqlite3_exec(db, "PRAGMA journal_mode=WAL; INSERT INTO meta VALUES('x', 1)",
+                                  NULL, NULL, NULL),
+                     SQLITE_OK);
+    umask(old);
+    assert_int_equal(file_mode(f->path), 0644);
+    assert_int_equal(file_mode(wal), 0644);
+    assert_int_equal(file_mode(shm), 0644);
+    assert_int_equal(recv_store_sqlite.open(&o, &f->st, err, sizeof err), 0);
+    assert_int_equal(file_mode(f->path), 0600);
+    assert_int_equal(file_mode(wal), 0600);
+    assert_int_equal(file_mode(shm), 0600);
+    sqlite3_close(db);
+    assert_int_equal(sql_int(f->path, "SELECT value FROM meta WHERE key = 'schema_version'"), 3);
 }
 
 int main(void)
@@ -728,6 +1055,10 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_gaps_edges, setup, teardown),
         cmocka_unit_test_setup_teardown(test_losses_keyed_by_origin, setup, teardown),
         cmocka_unit_test_setup_teardown(test_upgrade_v1, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_upgrade_v2, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_devices, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_replay_counted, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_file_mode, setup, teardown),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
