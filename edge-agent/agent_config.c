@@ -15,6 +15,7 @@ static const char *const when_fulls[] = {"drop_oldest", "reject_new", NULL};
 static const char *const transports[] = {"https", "mqtt", NULL};
 static const char *const mqtt_acks[] = {"end-to-end", "broker", NULL};
 static const char *const input_acks[] = {"after_commit", "on_arrival", NULL};
+static const char *const sign_methods[] = {"ecdsa", "hmac", NULL};
 
 #define IN(f) offsetof(struct agent_input_cfg, f)
 #define AC(f) offsetof(struct agent_config, f)
@@ -145,6 +146,18 @@ static int agent_check(void *obj, struct cis_cfg_report *r)
                              "cert_file and key_file go together");
         return 1;
     }
+    if (c->sign_method == AGENT_SIGN_ECDSA && c->sign_key_file == NULL && c->key_file == NULL) {
+        cis_cfg_report_error(r, "forward.sign.key_file",
+                             "every batch is signed with the device key: set forward.tls.key_file "
+                             "or forward.sign.key_file (cistern-agent enroll makes one), or use "
+                             "forward.sign.method: hmac");
+        return 1;
+    }
+    if (c->sign_method == AGENT_SIGN_HMAC && c->sign_hmac_secret_file == NULL) {
+        cis_cfg_report_error(r, "forward.sign.hmac_secret_file",
+                             "forward.sign.method hmac needs the secret's file");
+        return 1;
+    }
     if (c->wal_max_size > c->spool_max_size / 2) {
         /* The WAL counts against max_size; checkpoints keep it far below its cap. */
         c->wal_max_size = c->spool_max_size / 2;
@@ -217,6 +230,15 @@ static const struct cis_cfg_key agent_keys[] = {
      .help = "client certificate (mTLS)"},
     {.path = "forward.tls.key_file", .type = CIS_CFG_STRING, .offset = AC(key_file),
      .help = "client private key (mTLS)"},
+    {.path = "forward.sign.method", .type = CIS_CFG_ENUM, .offset = AC(sign_method),
+     .def = "ecdsa", .enum_values = sign_methods,
+     .help = "how every batch is signed: ecdsa (the device key, ECDSA P-256) | hmac (HMAC-SHA256 "
+             "with a secret the receiver's registry also holds)"},
+    {.path = "forward.sign.key_file", .type = CIS_CFG_STRING, .offset = AC(sign_key_file),
+     .help = "ecdsa: the device key (default: forward.tls.key_file, as cistern-agent enroll makes it)"},
+    {.path = "forward.sign.hmac_secret_file", .type = CIS_CFG_STRING,
+     .offset = AC(sign_hmac_secret_file),
+     .help = "hmac: file holding the secret, 32 to 128 bytes, mode 0600"},
     {.path = "forward.token", .type = CIS_CFG_STRING, .offset = AC(token),
      .help = "bearer token (optional), e.g. ${CISTERN_TOKEN}"},
     {.path = "forward.batch.max_records", .type = CIS_CFG_INT, .offset = AC(batch_max_records),

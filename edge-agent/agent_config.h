@@ -8,6 +8,7 @@
 
 enum agent_input_type { AGENT_INPUT_SOCKET = 0, AGENT_INPUT_DEMO = 1, AGENT_INPUT_MQTT = 2 };
 enum agent_transport { AGENT_TRANSPORT_HTTPS = 0, AGENT_TRANSPORT_MQTT = 1 };
+enum agent_sign { AGENT_SIGN_ECDSA = 0, AGENT_SIGN_HMAC = 1 };
 enum agent_mqtt_ack { AGENT_MQTT_ACK_END_TO_END = 0, AGENT_MQTT_ACK_BROKER = 1 };
 enum agent_input_ack { AGENT_INPUT_ACK_AFTER_COMMIT = 0, AGENT_INPUT_ACK_ON_ARRIVAL = 1 };
 enum agent_sync { AGENT_SYNC_NORMAL = 0, AGENT_SYNC_FULL = 1 };
@@ -63,6 +64,9 @@ struct agent_config {
     char *cert_file;
     char *key_file;
     char *token;
+    int sign_method;        /* enum agent_sign */
+    char *sign_key_file;    /* NULL: key_file */
+    char *sign_hmac_secret_file;
     int64_t batch_max_records;
     uint64_t batch_max_bytes;
     int64_t batch_max_delay_ms;

@@ -8,6 +8,7 @@
 #include "cistern/backoff.h"
 #include "cistern/err.h"
 #include "cistern/log.h"
+#include "cistern/sign.h"
 #include "spool.h"
 
 #define LEDGER_PER_BATCH 64
@@ -28,6 +29,7 @@ struct agent_forwarder {
     struct agent_spool *spool;
     const struct agent_transport_ops *tops;
     void *t;
+    struct cis_signer *signer; /* signs every batch (forward.sign) */
     struct slot *slots;
     size_t nslots, inflight;
     uint64_t inflight_records;
@@ -181,6 +183,21 @@ static void on_sent(void *ctx, uint64_t token, const struct agent_send_result *r
     slot_clear(s);
 }
 
+/* The signer forward.sign names, with the outcome logged once. */
+static int open_signer(const struct agent_config *cfg, struct cis_signer **out)
+{
+    char err[512];
+    int rc = cfg->sign_method == AGENT_SIGN_HMAC
+                 ? cis_signer_open_hmac(cfg->sign_hmac_secret_file, out, err, sizeof(err))
+                 : cis_signer_open_ecdsa(cfg->sign_key_file ? cfg->sign_key_file : cfg->key_file,
+                                         out, err, sizeof(err));
+    if (rc)
+        cis_error("[forward] cannot sign batches (forward.sign): %s", err);
+    else
+        cis_info("[forward] batches are signed with %s", cis_signer_describe(*out));
+    return rc;
+}
+
 int agent_forwarder_create(struct agent *a, const struct agent_config *cfg,
                            struct agent_spool *spool, struct agent_forwarder **out)
 {
@@ -189,6 +206,11 @@ int agent_forwarder_create(struct agent *a, const struct agent_config *cfg,
     int rc;
     if (!f)
         return CIS_ENOMEM;
+    rc = open_signer(cfg, &f->signer);
+    if (rc) {
+        free(f);
+        return rc;
+    }
     f->a = a;
     f->cfg = cfg;
     f->spool = spool;
@@ -197,12 +219,14 @@ int agent_forwarder_create(struct agent *a, const struct agent_config *cfg,
     f->nslots = (size_t)cfg->in_flight;
     f->slots = calloc(f->nslots, sizeof(*f->slots));
     if (!f->slots) {
+        cis_signer_free(f->signer);
         free(f);
         return CIS_ENOMEM;
     }
     cis_backoff_init(&f->bo, cfg->retry_initial_ms, cfg->retry_max_ms);
     rc = f->tops->create(a, cfg, on_sent, f, &f->t);
     if (rc) {
+        cis_signer_free(f->signer);
         free(f->slots);
         free(f);
         return rc;
@@ -288,8 +312,16 @@ static int start_batch(struct agent_forwarder *f, int64_t now, int with_segments
             .losses = lp,
             .nlosses = nloss,
         };
-        if (cis_batch_encode(&meta, views, nseg, &body, &body_len) != 0)
+        uint8_t *batch = NULL;
+        size_t batch_len;
+        if (cis_batch_encode(&meta, views, nseg, &batch, &batch_len) != 0)
             goto fail;
+        rc = cis_signer_wrap(f->signer, f->cfg->id, batch, batch_len, &body, &body_len);
+        free(batch);
+        if (rc) {
+            cis_warn("[forward] cannot sign a batch: %s", cis_strerror(rc));
+            goto fail;
+        }
     }
     slot->used = 1;
     slot->token = ++f->next_token;
@@ -431,5 +463,6 @@ void agent_forwarder_destroy(struct agent_forwarder *f)
     for (size_t i = 0; i < f->nslots; i++)
         slot_clear(&f->slots[i]);
     free(f->slots);
+    cis_signer_free(f->signer);
     free(f);
 }

@@ -6,6 +6,7 @@
 #include <string.h>
 
 #include "agent.h"
+#include "cistern/sign.h"
 #include "cistern/backoff.h"
 #include "cistern/err.h"
 #include "cistern/log.h"
@@ -403,7 +404,7 @@ static int https_create(struct agent *a, const struct agent_config *cfg, agent_s
     curl_multi_setopt(h->multi, CURLMOPT_TIMERFUNCTION, timer_cb);
     curl_multi_setopt(h->multi, CURLMOPT_TIMERDATA, h);
     curl_multi_setopt(h->multi, CURLMOPT_MAX_HOST_CONNECTIONS, (long)cfg->in_flight);
-    h->headers = curl_slist_append(NULL, "Content-Type: " CIS_BATCH_CONTENT_TYPE);
+    h->headers = curl_slist_append(NULL, "Content-Type: " CIS_SIGNED_BATCH_CONTENT_TYPE);
     h->headers = curl_slist_append(h->headers, "Expect:");
     if (cfg->token) {
         snprintf(auth, sizeof(auth), "Authorization: Bearer %s", cfg->token);

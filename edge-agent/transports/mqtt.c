@@ -16,6 +16,7 @@
 #include <unistd.h>
 
 #include "agent.h"
+#include "cistern/sign.h"
 #include "cistern/backoff.h"
 #include "cistern/err.h"
 #include "cistern/log.h"
@@ -1226,8 +1227,8 @@ static void publish_next(struct mqtt *h)
         p->next = NULL;
         corr_encode(corr, h->run_id, p->token);
         prop.identifier = MQTTPROPERTY_CODE_CONTENT_TYPE;
-        prop.value.data.data = (char *)CIS_BATCH_CONTENT_TYPE;
-        prop.value.data.len = (int)strlen(CIS_BATCH_CONTENT_TYPE);
+        prop.value.data.data = (char *)CIS_SIGNED_BATCH_CONTENT_TYPE;
+        prop.value.data.len = (int)strlen(CIS_SIGNED_BATCH_CONTENT_TYPE);
         rc = MQTTProperties_add(&m.properties, &prop);
         prop.identifier = MQTTPROPERTY_CODE_RESPONSE_TOPIC;
         prop.value.data.data = h->ack_topic;

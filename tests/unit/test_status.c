@@ -930,7 +930,7 @@ static void test_status_main(void **state)
     snprintf(yaml, sizeof(yaml),
              "agent:\n  id: gw-main\nspool:\n  path: %s\n  max_size: 1MiB\nstatus:\n"
              "  socket: %s\ninputs:\n  - name: d\n    type: demo\nforward:\n"
-             "  url: https://127.0.0.1:1/v1/batches\n",
+             "  url: https://127.0.0.1:1/v1/batches\n  sign:\n    key_file: device.key\n",
              f->path, sock);
     y = fopen(cfgp, "w");
     assert_non_null(y);
