@@ -4,7 +4,7 @@
 # Exits non-zero when any target crashed (or leaked, or hung), after printing the input's path.
 #
 # Usage: scripts/fuzz.sh [SECONDS] [TARGET...]     (default: 60 s each, every target)
-#   targets: agent_config recv_config batch_decode http_ingest mqtt_ingest
+#   targets: agent_config recv_config batch_decode http_ingest mqtt_ingest envelope
 #   scripts/fuzz.sh                    the CI run: 60 s each, about 5 min and a build
 #   scripts/fuzz.sh 3600               longer: an hour each (overnight: 28800)
 #   scripts/fuzz.sh 600 http_ingest    one target
@@ -26,12 +26,13 @@
 #      few valid ones; a long run's corpus-TARGET/ can be shrunk into a new directory with
 #      build-fuzz/fuzz/fuzz_TARGET -merge=1 NEWDIR build-fuzz/corpus-TARGET);
 #   4. run this script again.
-# The batch seeds (batch_decode, http_ingest, mqtt_ingest) are made by tests/fuzz/make_seeds.c:
-# after a change of the wire format, run build-fuzz/fuzz/make_seeds tests/fuzz/corpus.
+# The batch seeds (batch_decode, http_ingest, mqtt_ingest, envelope) are made by
+# tests/fuzz/make_seeds.c: after a change of the wire format, run
+# build-fuzz/fuzz/make_seeds tests/fuzz/corpus.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-all=(agent_config recv_config batch_decode http_ingest mqtt_ingest)
+all=(agent_config recv_config batch_decode http_ingest mqtt_ingest envelope)
 secs=60
 if [ $# -gt 0 ] && [[ $1 =~ ^[0-9]+$ ]]; then
     secs=$1
