@@ -28,7 +28,7 @@ PAGES = {
     "cistern-agent.yaml.5": (["edge-agent/agent_config.c"], []),
     "cistern-receiver.yaml.5": (["cloud-receiver"], []),
     "cistern-agent.8": ([], ["edge-agent/main.c", "edge-agent/status.c", "edge-agent/enroll.c"]),
-    "cistern-receiver.8": ([], ["cloud-receiver/main.c"]),
+    "cistern-receiver.8": ([], ["cloud-receiver/main.c", "cloud-receiver/device_cmd.c"]),
 }
 
 FONT_ALTERNATING = {"BR", "BI", "IB", "IR", "RB", "RI"}
