@@ -3,13 +3,18 @@
 Python 3 standard library only. It starts real cistern-receiver and cistern-agent
 processes on free loopback ports, with TLS material from a throwaway CA made with the
 `openssl` CLI, and gives the tests ways to feed the agent's socket input, read the
-receiver's API and store database, and read the agent's spool database.
+receiver's API and store database, and read the agent's spool database. Every agent it
+makes is registered in the device registry of every receiver it makes (Harness.register;
+Agent(register=False) to leave one out), and it can craft, sign and take apart batches
+(make_batch, sign_envelope, open_envelope).
 
 Nothing here asserts on timing: every wait has a generous deadline and only fails when
 the condition is still false at the deadline (machines running the tests are shared).
 """
 
 import atexit
+import hashlib
+import hmac
 import json
 import os
 import re
@@ -17,6 +22,7 @@ import shutil
 import signal
 import socket
 import sqlite3
+import struct
 import subprocess
 import sys
 import tempfile
@@ -182,6 +188,200 @@ def deep_merge(base, over):
 
 
 # ---------------------------------------------------------------------------------------
+# The wire format by hand (common/proto/cistern.proto): a minimal protobuf writer and
+# reader, batches, and SignedBatch envelopes signed exactly as the agent signs them, so
+# that tests can craft, inspect and tamper with what travels.
+
+BATCH_CT = "application/vnd.cistern.batch.v1+protobuf"  # an unsigned Batch: refused (415)
+SIGNED_CT = "application/vnd.cistern.signed-batch.v1+protobuf"
+SIG_ECDSA = 1  # SignatureAlg SIGNATURE_ECDSA_P256_SHA256
+SIG_HMAC = 2   # SignatureAlg SIGNATURE_HMAC_SHA256
+TEST_EPOCH = 0x1234567890ABCDEF
+
+
+def varint(n):
+    out = bytearray()
+    while True:
+        b = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(b | 0x80)
+        else:
+            out.append(b)
+            return bytes(out)
+
+
+def f_varint(num, v):
+    return varint(num << 3) + varint(v)
+
+
+def f_bytes(num, b):
+    return varint((num << 3) | 2) + varint(len(b)) + b
+
+
+def f_fixed64(num, v):
+    return varint((num << 3) | 1) + struct.pack("<Q", v)
+
+
+def pb_fields(buf, base=0):
+    """The fields of one message level: [(field number, wire type, value, start, end)].
+    value is an int (varint, fixed64, fixed32) or the bytes of a length-delimited field;
+    buf[start:end] is where that value lies, as offsets into buf plus base (so offsets of
+    a nested message parsed from a slice can be made absolute)."""
+    out = []
+    i = 0
+
+    def rd_varint():
+        nonlocal i
+        shift = v = 0
+        while True:
+            check(i < len(buf), "protobuf: truncated varint")
+            b = buf[i]
+            i += 1
+            v |= (b & 0x7F) << shift
+            if not b & 0x80:
+                return v
+            shift += 7
+
+    while i < len(buf):
+        key = rd_varint()
+        num, wt = key >> 3, key & 7
+        start = i
+        if wt == 0:
+            v = rd_varint()
+        elif wt == 1:
+            v = struct.unpack_from("<Q", buf, i)[0]
+            i += 8
+        elif wt == 5:
+            v = struct.unpack_from("<I", buf, i)[0]
+            i += 4
+        elif wt == 2:
+            n = rd_varint()
+            start = i
+            check(i + n <= len(buf), "protobuf: truncated field %d" % num)
+            v = bytes(buf[i:i + n])
+            i += n
+        else:
+            raise TestFailure("protobuf: wire type %d not expected here" % wt)
+        out.append((num, wt, v, base + start, base + i))
+    return out
+
+
+def pb_first(fields, num, default=None):
+    for f in fields:
+        if f[0] == num:
+            return f[2]
+    return default
+
+
+def make_batch(agent_id, first_seq, n, epoch=TEST_EPOCH, payloads=None, zip_bomb=False):
+    """A serialized Batch of N records (seq FIRST_SEQ..) in one uncompressed segment;
+    payloads: a list of N bytes (default b"rec-<seq>"). zip_bomb: one zstd segment that
+    declares 1 GiB decompressed and is a few bytes long."""
+    now = int(time.time() * 1000)
+    if payloads is None:
+        payloads = [b"rec-%d" % (first_seq + i) for i in range(n)]
+    recs = b"".join(f_bytes(1, f_varint(1, first_seq + i) + f_varint(2, now) + f_bytes(3, b"t")
+                            + f_bytes(5, as_bytes(payloads[i]))) for i in range(n))
+    last = first_seq + n - 1
+    seg = f_varint(1, first_seq) + f_varint(2, last) + f_varint(3, n) + f_varint(4, 1)
+    if zip_bomb:
+        # zstd magic and a few bytes: what matters is the declared raw_size
+        seg += f_varint(5, 1) + f_varint(6, 1 << 30) + f_bytes(7, b"\x28\xb5\x2f\xfd" + b"\0" * 12)
+    else:
+        seg += f_varint(6, len(recs)) + f_bytes(7, recs)
+    hdr = (f_bytes(1, agent_id.encode()) + f_fixed64(2, epoch) + f_varint(3, first_seq)
+           + f_varint(4, last) + f_varint(5, n) + f_varint(6, now))
+    return f_bytes(1, hdr) + f_bytes(2, seg)
+
+
+def _run_openssl(args, stdin=None):
+    r = subprocess.run(["openssl"] + list(args), input=stdin, stdout=subprocess.PIPE,
+                       stderr=subprocess.PIPE, timeout=60)
+    if r.returncode != 0:
+        raise TestFailure("openssl %s failed: %s" % (" ".join(args),
+                                                     r.stderr.decode("utf-8", "replace")))
+    return r.stdout
+
+
+_spki_cache = {}
+
+
+def spki_der(key_path):
+    """The DER SubjectPublicKeyInfo of the private key in key_path."""
+    if key_path not in _spki_cache:
+        _spki_cache[key_path] = _run_openssl(["pkey", "-in", key_path, "-pubout", "-outform",
+                                              "DER"])
+    return _spki_cache[key_path]
+
+
+def key_fingerprint(key_path):
+    """The fingerprint ("sha256:<hex>") of the private key's public key, as `cistern-agent
+    enroll` prints it."""
+    return "sha256:" + hashlib.sha256(spki_der(key_path)).hexdigest()
+
+
+def read_hmac_secret(path):
+    """An HMAC secret file as the agent reads it: its bytes without trailing whitespace."""
+    with open(path, "rb") as f:
+        return f.read().rstrip(b" \t\r\n")
+
+
+def hmac_key_id(secret):
+    return hashlib.sha256(b"cistern.v1.hmac-key-id\0" + as_bytes(secret)).digest()[:16]
+
+
+def signed_bytes(agent_id, batch_bytes):
+    return b"cistern.v1.SignedBatch\0" + as_bytes(agent_id) + b"\0" + batch_bytes
+
+
+def envelope(agent_id, alg, key, signature, batch_bytes):
+    """A serialized SignedBatch from its parts (no signing: see sign_envelope)."""
+    return (f_bytes(1, as_bytes(agent_id)) + f_varint(2, alg) + f_bytes(3, key)
+            + f_bytes(4, signature) + f_bytes(5, batch_bytes))
+
+
+def sign_envelope(agent_id, batch_bytes, key_path=None, secret=None):
+    """A SignedBatch of batch_bytes for agent_id, signed as the agent signs: with the ECDSA
+    P-256 private key in key_path (openssl dgst -sha256 -sign: a DER signature; key = the
+    DER SubjectPublicKeyInfo), or with the HMAC secret (bytes; key = its key id)."""
+    msg = signed_bytes(agent_id, batch_bytes)
+    if secret is not None:
+        secret = as_bytes(secret)
+        return envelope(agent_id, SIG_HMAC, hmac_key_id(secret),
+                        hmac.new(secret, msg, hashlib.sha256).digest(), batch_bytes)
+    check(key_path is not None, "sign_envelope: a key_path or a secret is needed")
+    sig = _run_openssl(["dgst", "-sha256", "-sign", key_path], stdin=msg)
+    return envelope(agent_id, SIG_ECDSA, spki_der(key_path), sig, batch_bytes)
+
+
+def open_envelope(buf):
+    """A SignedBatch decoded: {"agent_id", "alg", "key", "signature", "batch", and
+    "batch_at": (start, end), the inner batch's offsets in buf}."""
+    fields = pb_fields(buf)
+    out = {"agent_id": pb_first(fields, 1, b"").decode("utf-8", "replace"),
+           "alg": pb_first(fields, 2, 0), "key": pb_first(fields, 3, b""),
+           "signature": pb_first(fields, 4, b""), "batch": pb_first(fields, 5, b""),
+           "batch_at": None}
+    for num, _wt, _v, start, end in fields:
+        if num == 5:
+            out["batch_at"] = (start, end)
+    return out
+
+
+def batch_summary(batch_bytes):
+    """The header of a serialized Batch: {"agent_id", "epoch", "first_seq", "last_seq",
+    "record_count", "losses": n, "segments": n}."""
+    fields = pb_fields(batch_bytes)
+    hdr = pb_fields(pb_first(fields, 1, b""))
+    return {"agent_id": pb_first(hdr, 1, b"").decode("utf-8", "replace"),
+            "epoch": pb_first(hdr, 2, 0), "first_seq": pb_first(hdr, 3, 0),
+            "last_seq": pb_first(hdr, 4, 0), "record_count": pb_first(hdr, 5, 0),
+            "losses": sum(1 for f in hdr if f[0] == 9),
+            "segments": sum(1 for f in fields if f[0] == 2)}
+
+
+# ---------------------------------------------------------------------------------------
 # Processes
 
 class ProcessDied(TestFailure):
@@ -281,6 +481,11 @@ class Harness:
         self.popens = []  # helper processes (mosquitto_sub spies...): killed at cleanup
         self._pki = False
         self._clients = {}  # CN -> (cert, key)
+        # The device registry as the harness knows it: every receiver made holds each of
+        # these devices (agent id -> `device add` credential arguments; the last word wins).
+        self.devices = {}
+        self.receivers = []
+        self._registered = {}  # store path -> {agent id: arguments registered there}
         atexit.register(self.cleanup)
 
     def path(self, *parts):
@@ -349,6 +554,50 @@ class Harness:
             safe = re.sub(r"[^A-Za-z0-9_.-]", "_", cn)
             self._clients[cn] = self._leaf("client-" + safe, cn, "client")
         return self._clients[cn]
+
+    # -- the device registry ------------------------------------------------------------
+    def device(self, receiver, *args, timeout=60):
+        """Run `cistern-receiver --config <receiver's config> device ARGS` (bare: never under
+        CISTERN_TEST_WRAPPER); returns (exit status, stdout, stderr)."""
+        argv = [self.receiver_bin, "--config", receiver.config_path, "device"]
+        argv += [str(a) for a in args]
+        try:
+            r = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, timeout=timeout * SCALE)
+        except subprocess.TimeoutExpired:
+            raise TestFailure("`%s` still running after %.0fs" % (" ".join(argv), timeout * SCALE))
+        return (r.returncode, r.stdout.decode("utf-8", "replace"),
+                r.stderr.decode("utf-8", "replace"))
+
+    def register(self, agent_id, key=None, fingerprint=None, hmac_secret_file=None):
+        """Make agent_id a device of the harness, with the credentials `device add` takes: key
+        (a certificate, CSR, public or private key file), fingerprint ("sha256:HEX"),
+        hmac_secret_file. It is registered now in the store of every receiver made so far,
+        and in that of every receiver made later. Registering an id again replaces its
+        credentials (and enables it) wherever they differ."""
+        args = []
+        if key:
+            args += ["--key", key]
+        if fingerprint:
+            args += ["--fingerprint", fingerprint]
+        if hmac_secret_file:
+            args += ["--hmac-secret-file", hmac_secret_file]
+        check(args, "register %s: no credential given" % agent_id)
+        self.devices[agent_id] = args
+        for r in self.receivers:
+            self._register_in(r, agent_id, args)
+
+    def _register_in(self, receiver, agent_id, args):
+        # Receivers may share a store: `device add` runs once per store and credentials.
+        done = self._registered.setdefault(receiver.store_key(), {})
+        if done.get(agent_id) == args:
+            return
+        rc, out, err = self.device(receiver, "add", agent_id, *(args + ["--force"]))
+        if rc != 0:
+            raise TestFailure("`cistern-receiver --config %s device add %s %s --force` exited "
+                              "%d:\n%s%s" % (receiver.config_path, agent_id, " ".join(args), rc,
+                                             out, err))
+        done[agent_id] = args
 
     # -- processes ------------------------------------------------------------------
     def add_proc(self, name, argv, wrapper=None):
@@ -463,6 +712,14 @@ class Receiver:
         self.url = "https://127.0.0.1:%d/v1/batches" % self.port
         self.api = "http://127.0.0.1:%d" % self.api_port
         self.proc = h.add_proc(name, [h.receiver_bin, "--config", self.config_path], wrapper)
+        # every device the harness knows is registered in this receiver's store
+        h.receivers.append(self)
+        for agent_id, args in list(h.devices.items()):
+            h._register_in(self, agent_id, args)
+
+    def store_key(self):
+        """The store this receiver writes (several receivers may share one)."""
+        return os.path.realpath(self.config.get("store", {}).get("path") or self.db_path)
 
     def start(self, wait=True):
         self.proc.start()
@@ -543,11 +800,20 @@ class Receiver:
 class Agent:
     """mqtt: a Mosquitto to forward through (forward.transport mqtt, ssl:// to its TLS
     listener, with the agent's client certificate, CN = cn or agent_id); receiver is then
-    only informative and may be None."""
+    only informative and may be None.
+
+    register (default True): the agent is a device of the harness (Harness.register), so
+    every receiver of the harness, made before or after it, holds it: its signing key
+    (forward.sign.key_file, else forward.tls.key_file) or, with forward.sign.method hmac,
+    its secret file. When cn differs from agent_id, that CN is registered too (with the
+    same key) unless the harness already knows it: over HTTPS the receiver refuses an
+    unregistered CN on its headers, before any check that a test of the batch's agent id
+    would be about. register=False leaves the agent unknown (a test registers it with
+    Harness.device or Harness.register)."""
 
     def __init__(self, h, name, agent_id, receiver, cn=None, inputs=None, unix_socket=True,
                  tcp=True, max_line="64KiB", extra=None, log_level="info", url=None,
-                 spool_path=None, mqtt=None, wrapper=None):
+                 spool_path=None, mqtt=None, wrapper=None, register=True):
         self.h = h
         self.mqtt = mqtt
         self.name = name
@@ -598,6 +864,21 @@ class Agent:
         with open(self.config_path, "w") as f:
             f.write("# written by cistern_harness\n" + to_yaml(cfg) + "\n")
         self.proc = h.add_proc(name, [h.agent_bin, "--config", self.config_path], wrapper)
+        if register:
+            h.register(agent_id, **self.credentials())
+            tls = cfg["forward"].get("tls", {})
+            if (cn and cn != agent_id and cn not in h.devices
+                    and tls.get("cert_file") == self.cert):
+                h.register(cn, key=tls.get("key_file") or self.key)
+
+    def credentials(self):
+        """What the registry must hold for this agent's signatures, as Harness.register's
+        keyword arguments."""
+        fwd = self.config["forward"]
+        sign = fwd.get("sign") or {}
+        if sign.get("method") == "hmac":
+            return {"hmac_secret_file": sign["hmac_secret_file"]}
+        return {"key": sign.get("key_file") or fwd.get("tls", {}).get("key_file") or self.key}
 
     def start(self, wait=True):
         # a stale socket file from a kill -9 must not make us think the agent is up

@@ -8,8 +8,8 @@ stored twice, the stored payloads are exactly those sent, each under the spool's
 the seq its OK line gave; the spool ends empty (segments deleted only on acks).
 And the wire, as a bystander (an admin identity's mosquitto_sub) and the broker's log see it:
 batches are QoS 1 PUBLISHes to cistern/v1/<id>/batch with Content Type
-application/vnd.cistern.batch.v1+protobuf, Response Topic cistern/v1/<id>/ack and 16 bytes
-of Correlation Data; the receiver answers on that topic, QoS 1, with the correlation data
+application/vnd.cistern.signed-batch.v1+protobuf, Response Topic cistern/v1/<id>/ack and 16
+bytes of Correlation Data; the receiver answers on that topic, QoS 1, with the correlation data
 copied (same 8-byte run id) and a JSON {"status":"ok",...} payload."""
 import json
 import os
@@ -24,7 +24,7 @@ N_PER_CLIENT = 10000
 AGENT_ID = "gw-mqtt-once"
 BATCH_TOPIC = "cistern/v1/%s/batch" % AGENT_ID
 ACK_TOPIC = "cistern/v1/%s/ack" % AGENT_ID
-CONTENT_TYPE = b"application/vnd.cistern.batch.v1+protobuf"
+CONTENT_TYPE = ch.SIGNED_CT.encode()
 
 
 def main(h):

@@ -9,7 +9,7 @@ agent (gw-good) shows the path works. Checks: the broker denied the impostor's P
 records and it ledgered none; the receiver stores nothing for gw-impostor or gw-honest,
 and gw-good's records exactly once.
 
-Part 2 (run first), the receiver's own check: a real batch of agent gw-a is captured with
+Part 2 (run first), the receiver's own check: a real (signed) batch of agent gw-a is captured with
 mosquitto_sub (admin identity) before any receiver has subscribed (so nothing stores it), and gw-a is killed (its
 records stay in its spool). With the receiver up, the captured bytes are republished under
 gw-b's topic with a Response Topic and 16 bytes of Correlation Data. Checks: the receiver
@@ -86,7 +86,7 @@ def part2(h, broker, recv):
         "-q", "1", "-f", batch,
         "-D", "publish", "response-topic", "cistern/v1/gw-b/ack",
         "-D", "publish", "correlation-data", CORR.decode(),
-        "-D", "publish", "content-type", "application/vnd.cistern.batch.v1+protobuf"])
+        "-D", "publish", "content-type", ch.SIGNED_CT])
     ch.check(rc == 0, "mosquitto_pub of the forged batch failed: %s" % msg)
     out, err = reply.communicate(timeout=60 * ch.SCALE)
     ch.check(reply.returncode == 0, "no answer on the response topic: %r" % err)

@@ -2,7 +2,8 @@
 """p) Each ingest limit refuses with its status and stores nothing (issue 5, "Ingest hardening").
 
 One receiver with small limits; requests crafted here (python ssl with client certificates
-from the test CA, batches encoded by a minimal protobuf writer) so each limit is hit alone:
+from the test CA, batches encoded by the harness's protobuf writer, each in an envelope signed
+with the key of its CN, which is registered) so each limit is hit alone:
   control           a well-formed batch is answered 200 and its 5 records are stored (so the
                     crafted batches below are refused for their limit, not for their form)
   limits.max_body   Content-Length over it: 413 on the headers; chunked over it: 413
@@ -26,56 +27,24 @@ import http.client
 import os
 import socket
 import ssl
-import struct
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import cistern_harness as ch
 
-CT = "application/vnd.cistern.batch.v1+protobuf"
-EPOCH = 0x1234567890ABCDEF
+CT = ch.SIGNED_CT
+# every CN the crafted requests use: registered, with its certificate, so that each request is
+# refused for its limit, not as an unknown device
+CNS = ("gw-ctl", "gw-body", "gw-bomb", "gw-many", "gw-hdr", "gw-conn", "gw-idle", "gw-slow",
+       "gw-rate", "gw-ip")
 
 
-# -- a minimal protobuf writer, enough for common/proto/cistern.proto -------------------------
-def varint(n):
-    out = bytearray()
-    while True:
-        b = n & 0x7F
-        n >>= 7
-        if n:
-            out.append(b | 0x80)
-        else:
-            out.append(b)
-            return bytes(out)
-
-
-def f_varint(num, v):
-    return varint(num << 3) + varint(v)
-
-
-def f_bytes(num, b):
-    return varint((num << 3) | 2) + varint(len(b)) + b
-
-
-def f_fixed64(num, v):
-    return varint((num << 3) | 1) + struct.pack("<Q", v)
-
-
-def batch(agent_id, first_seq, n, zip_bomb=False):
-    now = int(time.time() * 1000)
-    recs = b"".join(f_bytes(1, f_varint(1, first_seq + i) + f_varint(2, now) + f_bytes(3, b"t")
-                            + f_bytes(5, b"limit-%d" % (first_seq + i))) for i in range(n))
-    last = first_seq + n - 1
-    seg = f_varint(1, first_seq) + f_varint(2, last) + f_varint(3, n) + f_varint(4, 1)
-    if zip_bomb:
-        # zstd magic and a few bytes: what matters is the declared raw_size
-        seg += f_varint(5, 1) + f_varint(6, 1 << 30) + f_bytes(7, b"\x28\xb5\x2f\xfd" + b"\0" * 12)
-    else:
-        seg += f_varint(6, len(recs)) + f_bytes(7, recs)
-    hdr = (f_bytes(1, agent_id.encode()) + f_fixed64(2, EPOCH) + f_varint(3, first_seq)
-           + f_varint(4, last) + f_varint(5, n) + f_varint(6, now))
-    return f_bytes(1, hdr) + f_bytes(2, seg)
+def batch(h, agent_id, first_seq, n, zip_bomb=False):
+    """A batch (the harness's protobuf writer) in an envelope signed with the key of the
+    client certificate of CN agent_id: what the registry holds for it."""
+    return ch.sign_envelope(agent_id, ch.make_batch(agent_id, first_seq, n, zip_bomb=zip_bomb),
+                            key_path=h.client_cert(agent_id)[1])
 
 
 # -- raw HTTPS requests with a client certificate ---------------------------------------------
@@ -136,6 +105,8 @@ def stored(recv, agent_id):
 
 
 def main(h):
+    for cn in CNS:
+        h.register(cn, key=h.client_cert(cn)[0])
     recv = h.receiver(limits={"max_body": "64KiB", "max_decompressed": "1MiB",
                               "max_records": 100, "max_header_size": "8KiB",
                               "max_connections": 8, "connection_timeout": "2s",
@@ -143,7 +114,7 @@ def main(h):
     c = Client(h, recv)
 
     # control: the crafted encoding is a batch the receiver takes
-    st, _, body = c.post("gw-ctl", batch("gw-ctl", 1, 5))
+    st, _, body = c.post("gw-ctl", batch(h, "gw-ctl", 1, 5))
     ch.check(st == 200, "control batch: HTTP %d %r" % (st, body))
     ch.check(stored(recv, "gw-ctl") == 5, "control batch: %d rows stored, expected 5"
              % stored(recv, "gw-ctl"))
@@ -172,15 +143,15 @@ def main(h):
     ch.log("max_body: 413 for a declared and for a chunked oversized body")
 
     # limits.max_decompressed: a zip bomb refused from its declared size
-    st, _, body = c.post("gw-bomb", batch("gw-bomb", 1, 3, zip_bomb=True))
+    st, _, body = c.post("gw-bomb", batch(h, "gw-bomb", 1, 3, zip_bomb=True))
     ch.check(st == 413 and b"decompressed" in body, "zip bomb: HTTP %d %r" % (st, body))
     ch.check(stored(recv, "gw-bomb") == 0, "the zip bomb's records were stored")
     ch.log("max_decompressed: zip bomb (1 GiB declared) answered 413 %r" % body)
 
     # limits.max_records
-    st, _, body = c.post("gw-many", batch("gw-many", 1, 101))
+    st, _, body = c.post("gw-many", batch(h, "gw-many", 1, 101))
     ch.check(st == 413 and b"records" in body, "101 records: HTTP %d %r" % (st, body))
-    st2, _, body2 = c.post("gw-many", batch("gw-many", 200, 100))
+    st2, _, body2 = c.post("gw-many", batch(h, "gw-many", 200, 100))
     ch.check(st2 == 200, "100 records (the limit): HTTP %d %r" % (st2, body2))
     ch.check(sorted(s for _, s, _, _ in recv.rows("gw-many")) == list(range(200, 300)),
              "max_records: only the batch of 100 may be stored")
@@ -189,7 +160,7 @@ def main(h):
     # limits.max_header_size
     for what, hdrs in (("one 20 KiB header", ["X-Big: " + "a" * 20480]),
                        ("600 headers", ["X-H%d: v" % i for i in range(600)])):
-        body = batch("gw-hdr", 1, 2)
+        body = batch(h, "gw-hdr", 1, 2)
         s = c.tls("gw-hdr")
         try:
             s.sendall(c.head(headers=hdrs, length=len(body)) + body)
@@ -214,7 +185,7 @@ def main(h):
     ch.check(refused, "a 9th connection was served with max_connections 8")
     held.pop().close()
     time.sleep(0.5)
-    st, _, body = c.post("gw-ctl", batch("gw-ctl", 6, 1))
+    st, _, body = c.post("gw-ctl", batch(h, "gw-ctl", 6, 1))
     ch.check(st == 200, "after one of 8 closed, a new connection: HTTP %d %r" % (st, body))
     for x in held:
         x.close()
@@ -241,7 +212,7 @@ def main(h):
     ch.check(cut, "headers dripped for 30 s were not cut (request_timeout 4s)")
     s.close()
     ch.log("request_timeout: dripped headers cut after %.1f s" % (time.monotonic() - t0))
-    body = batch("gw-slow", 1, 3)
+    body = batch(h, "gw-slow", 1, 3)
     s = c.tls("gw-slow")
     s.sendall(c.head(length=len(body)))
     cut = False
@@ -260,10 +231,12 @@ def main(h):
 
     # limits.rate: 2/s, burst 10, per CN: 20 batches in less than 5 s meet a 429
     answers = []
+    # signed beforehand: the burst must not wait for openssl
+    rate_batches = [batch(h, "gw-rate", 1 + 10 * i, 10) for i in range(20)]
     s = c.tls("gw-rate")
     try:
         for i in range(20):
-            b = batch("gw-rate", 1 + 10 * i, 10)
+            b = rate_batches[i]
             s.sendall(c.head(length=len(b)) + b)
             st, hd, body = c.response(s)
             answers.append((st, hd.get("retry-after"), 1 + 10 * i))

@@ -57,7 +57,7 @@ def attack(h, recv, mode):
         argv = ["slowhttptest", mode, "-c", str(CONNECTIONS), "-r", "200", "-i", "5",
                 "-l", str(left), "-u", "https://127.0.0.1:%d/v1/batches" % recv.port,
                 "-t", "POST" if mode == "-B" else "GET", "-s", "8192", "-x", "24", "-p", "3",
-                "-f", "application/vnd.cistern.batch.v1+protobuf", "-g", "-o", prefix]
+                "-f", ch.SIGNED_CT, "-g", "-o", prefix]
         if rounds == 1:
             ch.log("attack: %s" % " ".join(argv))
         with open(prefix + ".log", "w") as out:
