@@ -6,7 +6,8 @@ pkgs=(build-essential cmake pkg-config
       libsqlite3-dev libyaml-dev libzstd-dev libprotobuf-c-dev protobuf-c-compiler
       libcurl4-openssl-dev libmicrohttpd-dev libgnutls28-dev libmbedtls-dev libpaho-mqtt-dev libpq-dev
       libcmocka-dev python3 openssl sqlite3 curl mosquitto mosquitto-clients valgrind
-      man-db systemd slowhttptest)
+      man-db systemd slowhttptest
+      iproute2 nftables libfaketime)
 missing=()
 for p in "${pkgs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
