@@ -6,6 +6,7 @@
 #include <string.h>
 
 #include "agent.h"
+#include "tls_diag.h"
 #include "cistern/sign.h"
 #include "cistern/backoff.h"
 #include "cistern/err.h"
@@ -104,144 +105,29 @@ static const char *explain(CURLcode rc)
     }
 }
 
-/* OpenSSL's X509_V_ERR_* values (x509_vfy.h; stable across releases), as libcurl reports them
- * in CURLINFO_SSL_VERIFYRESULT when its TLS backend is OpenSSL, as on Debian. Spelled out
- * here so the agent needs no OpenSSL headers. */
-enum {
-    OSSL_V_UNABLE_TO_GET_ISSUER_CERT = 2,
-    OSSL_V_CERT_NOT_YET_VALID = 9,
-    OSSL_V_CERT_HAS_EXPIRED = 10,
-    OSSL_V_DEPTH_ZERO_SELF_SIGNED_CERT = 18,
-    OSSL_V_SELF_SIGNED_CERT_IN_CHAIN = 19,
-    OSSL_V_UNABLE_TO_GET_ISSUER_CERT_LOCALLY = 20,
-    OSSL_V_UNABLE_TO_VERIFY_LEAF_SIGNATURE = 21,
-    OSSL_V_INVALID_PURPOSE = 26,
-    OSSL_V_HOSTNAME_MISMATCH = 62,
-    OSSL_V_IP_ADDRESS_MISMATCH = 64,
-};
-
-static int backend_is_openssl(void)
+/* The receiver, as the certificate words name it (tls_diag.c). */
+static void https_peer(const struct https *h, struct agent_tls_peer *p)
 {
-    const curl_version_info_data *v = curl_version_info(CURLVERSION_NOW);
-    return v && v->ssl_version && strncmp(v->ssl_version, "OpenSSL", 7) == 0;
-}
-
-/* The value of field NAME ("Expire date") of the leaf certificate the diagnostic handshake
- * read, or "" when there is none. Borrows from X's certinfo. */
-static const char *leaf_field(struct xfer *x, const char *name)
-{
-    struct curl_certinfo *ci = NULL;
-    size_t n = strlen(name);
-
-    if (!x->diag || curl_easy_getinfo(x->diag, CURLINFO_CERTINFO, &ci) != CURLE_OK || !ci ||
-        ci->num_of_certs < 1)
-        return "";
-    for (struct curl_slist *l = ci->certinfo[0]; l; l = l->next)
-        if (strncmp(l->data, name, n) == 0 && l->data[n] == ':')
-            return l->data + n + 1;
-    return "";
-}
-
-/* The host part of forward.url, for the hostname-mismatch words. */
-static void url_host(const char *url, char *out, size_t outlen)
-{
-    CURLU *u = curl_url();
-    char *host = NULL;
-
-    snprintf(out, outlen, "the host in forward.url");
-    if (u && curl_url_set(u, CURLUPART_URL, url, 0) == CURLUE_OK &&
-        curl_url_get(u, CURLUPART_HOST, &host, 0) == CURLUE_OK)
-        snprintf(out, outlen, "%s", host);
-    curl_free(host);
-    curl_url_cleanup(u);
-}
-
-static int errbuf_has(const struct xfer *x, const char *what)
-{
-    return strstr(x->errbuf, what) != NULL;
-}
-
-static void hostname_words(struct xfer *x, char *out, size_t outlen)
-{
-    char host[256];
-    const char *v = leaf_field(x, "X509v3 Subject Alternative Name");
-
-    if (!*v)
-        v = leaf_field(x, "Subject");
-    url_host(x->h->cfg->url, host, sizeof host);
-    snprintf(out, outlen, "the receiver's certificate is for %s, not %s: use a name it holds "
-             "in forward.url, or reissue it", *v ? v : "other names", host);
+    *p = (struct agent_tls_peer){
+        .kind = "receiver",
+        .url = h->cfg->url,
+        .ca_file = h->cfg->ca_file,
+        .ca_key = "forward.tls.ca_file",
+        .cert_key = "forward.tls.cert_file",
+        .url_key = "forward.url",
+        .timeout_ms = h->cfg->timeout_ms < 5000 ? h->cfg->timeout_ms : 5000,
+    };
 }
 
 /* Say which TLS check failed, in words that name the file or setting to fix. Returns 0 when
  * this is not a TLS failure it knows, so the generic words apply. */
 static int tls_words(struct xfer *x, CURLcode rc, char *out, size_t outlen)
 {
-    const char *v;
+    struct agent_tls_peer p;
+    struct agent_tls_failure f = {rc, x->errbuf, x->verify};
 
-    if (rc == CURLE_PEER_FAILED_VERIFICATION) {
-        /* libcurl checks the name itself, once the chain verified, and then reports no
-         * X509_V_ERR code of its own (1, "unspecified", with OpenSSL 3): only its words say. */
-        if (errbuf_has(x, "target host name") || errbuf_has(x, "does not match")) {
-            hostname_words(x, out, outlen);
-            return 1;
-        }
-        switch (backend_is_openssl() ? x->verify : -1) {
-        case OSSL_V_CERT_HAS_EXPIRED:
-            v = leaf_field(x, "Expire date");
-            snprintf(out, outlen, "the receiver's certificate expired%s%s: renew it on the "
-                     "receiver (or check this gateway's clock)", *v ? " on " : "", v);
-            return 1;
-        case OSSL_V_CERT_NOT_YET_VALID:
-            v = leaf_field(x, "Start date");
-            snprintf(out, outlen, "the receiver's certificate is not valid before %s: check this "
-                     "gateway's clock, or the certificate's start date", *v ? v : "a later date");
-            return 1;
-        case OSSL_V_DEPTH_ZERO_SELF_SIGNED_CERT:
-            v = leaf_field(x, "Subject");
-            snprintf(out, outlen, "the receiver's certificate%s%s%s is self-signed: give the "
-                     "receiver one signed by the CA in forward.tls.ca_file", *v ? " (" : "", v,
-                     *v ? ")" : "");
-            return 1;
-        case OSSL_V_SELF_SIGNED_CERT_IN_CHAIN:
-        case OSSL_V_UNABLE_TO_GET_ISSUER_CERT:
-        case OSSL_V_UNABLE_TO_GET_ISSUER_CERT_LOCALLY:
-        case OSSL_V_UNABLE_TO_VERIFY_LEAF_SIGNATURE:
-            v = leaf_field(x, "Issuer");
-            snprintf(out, outlen, "the receiver's certificate is not signed by "
-                     "forward.tls.ca_file%s%s%s: set forward.tls.ca_file to the CA that signed it",
-                     *v ? " (its issuer is " : "", v, *v ? ")" : "");
-            return 1;
-        case OSSL_V_INVALID_PURPOSE:
-            snprintf(out, outlen, "the receiver's certificate is not made for a TLS server "
-                     "(extendedKeyUsage serverAuth is missing): reissue it");
-            return 1;
-        case OSSL_V_HOSTNAME_MISMATCH:
-        case OSSL_V_IP_ADDRESS_MISMATCH:
-            hostname_words(x, out, outlen);
-            return 1;
-        default:
-            break;
-        }
-        snprintf(out, outlen, "the receiver's certificate was refused (%s)",
-                 x->errbuf[0] ? x->errbuf : curl_easy_strerror(rc));
-        return 1;
-    }
-    if (rc != CURLE_SSL_CONNECT_ERROR && rc != CURLE_RECV_ERROR && rc != CURLE_SEND_ERROR)
-        return 0;
-    if (errbuf_has(x, "protocol version") || errbuf_has(x, "unsupported protocol") ||
-        errbuf_has(x, "no protocols available")) {
-        snprintf(out, outlen, "the receiver offers no TLS version this gateway accepts (TLS 1.2 "
-                 "or newer only): upgrade the receiver's TLS settings");
-        return 1;
-    }
-    if (errbuf_has(x, "alert")) {
-        /* The receiver ended the handshake with an alert: it refused what we presented. */
-        snprintf(out, outlen, "the receiver refused the TLS handshake (%s): if it names a "
-                 "certificate, check forward.tls.cert_file and key_file", x->errbuf);
-        return 1;
-    }
-    return 0;
+    https_peer(x->h, &p);
+    return agent_tls_words(&p, &f, x->diag, out, outlen);
 }
 
 /* Pull "error":"..." out of the receiver's JSON answer, or keep the raw text. */
@@ -321,21 +207,14 @@ static void classify(struct xfer *x, CURLcode rc, struct agent_send_result *r)
 static int diag_start(struct xfer *x)
 {
     struct https *h = x->h;
-    CURL *e = curl_easy_init();
+    struct agent_tls_peer p;
+    CURL *e;
 
+    https_peer(h, &p);
+    e = agent_tls_diag_handle(&p);
     if (!e)
         return CIS_ENOMEM;
-    curl_easy_setopt(e, CURLOPT_URL, h->cfg->url);
     curl_easy_setopt(e, CURLOPT_PRIVATE, x);
-    curl_easy_setopt(e, CURLOPT_NOSIGNAL, 1L);
-    curl_easy_setopt(e, CURLOPT_CONNECT_ONLY, 1L);
-    curl_easy_setopt(e, CURLOPT_CERTINFO, 1L);
-    curl_easy_setopt(e, CURLOPT_SSL_VERIFYPEER, 0L);
-    curl_easy_setopt(e, CURLOPT_SSL_VERIFYHOST, 0L);
-    curl_easy_setopt(e, CURLOPT_PROTOCOLS_STR, "https");
-    curl_easy_setopt(e, CURLOPT_SSLVERSION, (long)CURL_SSLVERSION_TLSv1_2);
-    curl_easy_setopt(e, CURLOPT_TIMEOUT_MS,
-                     (long)(h->cfg->timeout_ms < 5000 ? h->cfg->timeout_ms : 5000));
     curl_multi_remove_handle(h->multi, x->easy);
     if (curl_multi_add_handle(h->multi, e) != CURLM_OK) {
         curl_easy_cleanup(e);

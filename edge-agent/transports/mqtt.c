@@ -2,12 +2,14 @@
  * (Paho MQTT C async, MQTT 5) and reports its result on the receiver's end-to-end ack (or on the
  * broker's PUBACK with forward.mqtt.ack: broker). Paho calls back on its own threads: those
  * callbacks only queue events (under a mutex) and wake the agent's loop through a pipe; all the
- * rest, and every call into the forwarder, runs on the loop thread. */
+ * rest, and every call into the forwarder, runs on the loop thread, but for the diagnosis of a
+ * refused broker certificate, made on a worker thread (struct diag). */
 #include <MQTTAsync.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <poll.h>
 #include <pthread.h>
+#include <signal.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -21,6 +23,7 @@
 #include "cistern/err.h"
 #include "cistern/log.h"
 #include "cistern/paho.h"
+#include "tls_diag.h"
 
 #define RUN_ID_LEN 8
 #define CORR_LEN 16          /* run id, then the batch token (big-endian u64) */
@@ -28,6 +31,7 @@
 #define JSON_MAX_DEPTH 32
 #define DISCONNECT_WAIT_MS 2000
 #define CONNECT_TIMEOUT_MAX_MS 10000
+#define DIAG_TIMEOUT_MAX_MS 10000 /* both handshakes of a certificate diagnosis (struct diag) */
 #define PUBLISH_MAX (256u * 1024 * 1024 - 64 * 1024) /* MQTT's packet limit, less the header */
 
 /* ---- events handed from Paho's threads to the loop ---- */
@@ -66,6 +70,30 @@ enum conn_state {
     ST_SUBSCRIBING, /* connected, waiting for the ack topic's SUBACK */
     ST_NOSUB,       /* connected, but the broker refused the ack topic: retry at resubscribe_at */
     ST_UP,          /* batches can go */
+};
+
+/* The diagnosis of a connect failure that Paho words too vaguely: OpenSSL's "certificate verify
+ * failed" names no check, and Paho's own "connect failure" is also what a certificate without the
+ * broker's host name gets. A worker thread asks the broker again with libcurl (tls_diag.c),
+ * which says which check fails and reads the certificate's dates and names. Its handshakes
+ * block, and the loop must not: the loop starts the worker and joins it; the worker hands its
+ * result back under the transport's mutex and wakes the loop.
+ *
+ * "certificate verify failed" is diagnosed once, until the failure changes or the link comes
+ * up. A "connect failure" is diagnosed at each attempt: Paho says the same of a broker that is
+ * down, so the words of an earlier diagnosis may no longer hold. Either way the log says a
+ * failure once (link_failed, diag_collect). */
+struct diag {
+    struct mqtt *h;
+    pthread_t thread;
+    atomic_int stop;            /* set at the end: the worker returns within about a second */
+    char *url;                  /* the broker as https://host:port (curl_free) */
+    struct agent_tls_peer peer; /* borrows url and the config */
+    char failure[256];          /* the failure diagnosed, as connect_failed() words it */
+    /* Set by the worker, under h->mu. */
+    int done;
+    int rc; /* agent_tls_diagnose()'s */
+    char words[400];
 };
 
 /* The context of one Paho client's callbacks. The client is replaced after a lost connection
@@ -119,8 +147,15 @@ struct mqtt {
     int64_t resubscribe_at;
     int session_present; /* from the last CONNACK, for the log line once subscribed */
     struct cis_backoff bo;
-    char down_reason[200]; /* why no batch can go now */
-    char logged[256];      /* the link failure last logged: the same again goes to debug */
+    char down_reason[512]; /* why no batch can go now */
+    char logged[512];      /* the link failure last logged: the same again goes to debug */
+    /* Certificate diagnoses (struct diag). Loop thread only, but diag's result (see there). */
+    struct diag *diag;     /* the worker, running or done and not yet collected; or NULL */
+    char failure[256];     /* the current connect failure, while a diagnosis may tell more */
+    char diag_for[256];    /* the failure the last diagnosis was about, or "" */
+    char diag_why[512];    /* the reason it gave (the failure's own words if it found none) */
+    int diag_keep;         /* it holds until the failure changes (see struct diag) */
+    char waiting[512];     /* the reason given while the worker runs */
     char refused[256];     /* the broker's last refusal of a batch logged; "" while it accepts */
     int warned_malformed;
     struct batch *pending;
@@ -709,12 +744,27 @@ static void fail_all(struct mqtt *h, const char *why)
     h->pub_busy = 0;
 }
 
+/* The link is down for WHY: the batches in flight fail, the next attempt is scheduled. Logs
+ * nothing (link_failed does). Returns the delay to the next attempt. */
+static int64_t link_down(struct mqtt *h, int64_t now, const char *why, int was_connected)
+{
+    int64_t delay = cis_backoff_next(&h->bo);
+    snprintf(h->down_reason, sizeof(h->down_reason), "%s", why);
+    h->failure[0] = '\0';
+    fail_all(h, why);
+    h->state = ST_IDLE;
+    h->reconnect_at = now + delay;
+    h->resubscribe_at = -1;
+    if (was_connected)
+        h->replace_client = 1;
+    return delay;
+}
+
 /* A failure of the link: logged when it differs from the last one, so a broker that stays
  * down makes one line, not one per attempt. */
 static void link_failed(struct mqtt *h, int64_t now, const char *why, int was_connected)
 {
-    int64_t delay = cis_backoff_next(&h->bo);
-    snprintf(h->down_reason, sizeof(h->down_reason), "%s", why);
+    int64_t delay = link_down(h, now, why, was_connected);
     if (was_connected) {
         cis_warn("[mqtt] connection lost: %s; reconnecting with backoff", why);
         snprintf(h->logged, sizeof(h->logged), "%s", why);
@@ -725,12 +775,183 @@ static void link_failed(struct mqtt *h, int64_t now, const char *why, int was_co
         cis_debug("[mqtt] cannot connect to %s: %s (next attempt in %lld ms)", h->cfg->url, why,
                   (long long)delay);
     }
-    fail_all(h, why);
-    h->state = ST_IDLE;
-    h->reconnect_at = now + delay;
-    h->resubscribe_at = -1;
-    if (was_connected)
-        h->replace_client = 1;
+}
+
+/* ---- certificate diagnoses (struct diag) ---- */
+
+/* Log a connect failure's words unless they were the last logged (as link_failed does). */
+static void log_once(struct mqtt *h, const char *why)
+{
+    if (strcmp(h->logged, why) != 0) {
+        cis_warn("[mqtt] cannot connect to %s: %s; retrying with backoff", h->cfg->url, why);
+        snprintf(h->logged, sizeof(h->logged), "%s", why);
+    }
+}
+
+/* The worker: both handshakes, then the result handed back under h->mu. */
+static void *diag_main(void *arg)
+{
+    struct diag *d = arg;
+    char words[sizeof(d->words)];
+    int rc = agent_tls_diagnose(&d->peer, NULL, &d->stop, words, sizeof(words));
+
+    pthread_mutex_lock(&d->h->mu);
+    d->rc = rc;
+    memcpy(d->words, words, sizeof(words));
+    d->done = 1;
+    pthread_mutex_unlock(&d->h->mu);
+    wake_loop(d->h);
+    return NULL;
+}
+
+/* The broker's address as an https:// URL, for libcurl to make the TLS handshake Paho makes
+ * (the MQTT scheme adds nothing to TLS; without a port, MQTT over TLS's 8883). Caller frees
+ * with curl_free; NULL if it does not parse. */
+static char *diag_url(const char *url)
+{
+    CURLU *u = curl_url();
+    char *out = NULL, *port = NULL;
+
+    if (u && curl_url_set(u, CURLUPART_URL, url, CURLU_NON_SUPPORT_SCHEME) == CURLUE_OK &&
+        curl_url_set(u, CURLUPART_SCHEME, "https", 0) == CURLUE_OK) {
+        if (curl_url_get(u, CURLUPART_PORT, &port, 0) != CURLUE_OK)
+            curl_url_set(u, CURLUPART_PORT, "8883", 0);
+        if (curl_url_get(u, CURLUPART_URL, &out, 0) != CURLUE_OK)
+            out = NULL;
+    }
+    curl_free(port);
+    curl_url_cleanup(u);
+    return out;
+}
+
+/* Start a worker that diagnoses FAILURE (connect_failed's words). Returns 0, or CIS_E* (then
+ * there is none). */
+static int diag_start(struct mqtt *h, const char *failure)
+{
+    const struct agent_config *cfg = h->cfg;
+    struct diag *d = calloc(1, sizeof(*d));
+    sigset_t all, old;
+    int rc;
+
+    if (!d)
+        return CIS_ENOMEM;
+    d->h = h;
+    atomic_init(&d->stop, 0);
+    snprintf(d->failure, sizeof(d->failure), "%s", failure);
+    d->url = diag_url(cfg->url);
+    if (!d->url) {
+        free(d);
+        return CIS_EINVAL;
+    }
+    d->peer = (struct agent_tls_peer){
+        .kind = "broker",
+        .url = d->url,
+        .ca_file = cfg->ca_file,
+        /* The broker may require one (ours does), as it does of Paho. */
+        .cert_file = cfg->cert_file,
+        .key_file = cfg->key_file,
+        .ca_key = "forward.tls.ca_file",
+        .cert_key = "forward.tls.cert_file",
+        .url_key = "forward.url",
+        .timeout_ms = cfg->timeout_ms < DIAG_TIMEOUT_MAX_MS ? cfg->timeout_ms : DIAG_TIMEOUT_MAX_MS,
+    };
+    /* Signals are the loop's business (their handlers only write to a pipe): the worker takes
+     * none, so none interrupts its handshakes. */
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &old);
+    rc = pthread_create(&d->thread, NULL, diag_main, d);
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    if (rc != 0) {
+        cis_debug("[mqtt] cannot start the certificate diagnosis: %s", strerror(rc));
+        curl_free(d->url);
+        free(d);
+        return CIS_EIO;
+    }
+    cis_debug("[mqtt] asking %s which check of its certificate fails (%s)", d->url, d->failure);
+    h->diag = d;
+    return 0;
+}
+
+/* Stop the worker, if any (within about a second), wait for it, and free it. */
+static void diag_free(struct mqtt *h)
+{
+    struct diag *d = h->diag;
+
+    if (!d)
+        return;
+    atomic_store(&d->stop, 1);
+    pthread_join(d->thread, NULL);
+    curl_free(d->url);
+    free(d);
+    h->diag = NULL;
+}
+
+/* A connect failure that a diagnosis can put in better words, WHY being Paho's: with the words
+ * of the last diagnosis of the same failure if they hold (diag_keep); else the link goes down
+ * without a log line, a worker asks the broker, and diag_collect logs its words once. */
+static void link_failed_diagnosed(struct mqtt *h, int64_t now, const char *why)
+{
+    int same = strcmp(h->diag_for, why) == 0;
+
+    if (same && h->diag_keep) {
+        link_failed(h, now, h->diag_why, 0);
+    } else if (h->diag || diag_start(h, why) == 0) {
+        /* Until the worker answers, the last words for this failure stand. (Busy with an
+         * earlier failure: diag_collect starts this one's.) */
+        link_down(h, now, same ? h->diag_why : why, 0);
+        snprintf(h->waiting, sizeof(h->waiting), "%s", h->down_reason);
+    } else {
+        link_failed(h, now, why, 0);
+        return;
+    }
+    snprintf(h->failure, sizeof(h->failure), "%s", why);
+}
+
+/* Take the worker's result, once it has one. While the link is still down for the failure it
+ * diagnosed, its words become the reason, logged once (the same words again go to debug, as in
+ * link_failed). Words are used only when they explain Paho's failure: a diagnosis that finds
+ * another (the broker was down for Paho and is up now, or the other way round) is about another
+ * state of the broker, and the next failure tells which. */
+static void diag_collect(struct mqtt *h)
+{
+    struct diag *d = h->diag;
+    char why[sizeof(h->diag_why)], failure[sizeof(d->failure)];
+    int done, verify_failed, explains;
+
+    if (!d)
+        return;
+    pthread_mutex_lock(&h->mu);
+    done = d->done;
+    pthread_mutex_unlock(&h->mu);
+    if (!done)
+        return;
+    snprintf(failure, sizeof(failure), "%s", d->failure);
+    verify_failed = strstr(failure, "certificate verify failed") != NULL;
+    explains = d->rc == (verify_failed ? AGENT_TLS_CERT : AGENT_TLS_NAME);
+    if (explains && verify_failed)
+        /* OpenSSL's words after ours: those are what a search finds, in old logs too. */
+        snprintf(why, sizeof(why), "%s (OpenSSL: certificate verify failed)", d->words);
+    else if (explains)
+        snprintf(why, sizeof(why), "%s", d->words);
+    else
+        snprintf(why, sizeof(why), "%s", failure);
+    snprintf(h->diag_for, sizeof(h->diag_for), "%s", failure);
+    snprintf(h->diag_why, sizeof(h->diag_why), "%s", why);
+    h->diag_keep = verify_failed && (explains || d->rc == AGENT_TLS_PASSES);
+    cis_debug("[mqtt] certificate diagnosis (%d): %s", d->rc, d->rc > 0 ? d->words : "-");
+    diag_free(h);
+    if (h->state != ST_IDLE && h->state != ST_CONNECTING)
+        return; /* connected meanwhile */
+    if (strcmp(h->failure, failure) != 0) {
+        /* The link has failed otherwise since: that failure's turn (its link_down left it
+         * unlogged). */
+        if (h->failure[0] && diag_start(h, h->failure) != 0)
+            log_once(h, h->failure);
+        return;
+    }
+    if (strcmp(why, h->waiting) != 0)
+        snprintf(h->down_reason, sizeof(h->down_reason), "%s", why);
+    log_once(h, why);
 }
 
 /* A new Paho client for the next connection (same client id, so the broker's session goes
@@ -890,19 +1111,23 @@ static void link_up(struct mqtt *h, int session_present)
     cis_backoff_reset(&h->bo);
     h->logged[0] = '\0';
     h->down_reason[0] = '\0';
+    /* The broker's certificate may be another by the next failure. */
+    h->failure[0] = '\0';
+    h->diag_for[0] = '\0';
+    h->diag_keep = 0;
     h->state = ST_UP;
 }
 
 static void connect_failed(struct mqtt *h, int64_t now, const struct ev *e)
 {
     char why[256], rs[96], tls[200];
-    int connack;
+    int connack, diagnose = 0;
 
     pthread_mutex_lock(&h->mu);
     snprintf(tls, sizeof(tls), "%s", h->tls_err);
     pthread_mutex_unlock(&h->mu);
-    cis_debug("[mqtt] connect failed: reason %d, rc %d, \"%s\", TLS \"%s\"", e->reason, e->rc,
-              e->text, tls);
+    cis_debug("[mqtt] connect failed: reason %d, rc %d, \"%s\", TLS \"%.*s\"", e->reason, e->rc,
+              e->text, (int)strcspn(tls, "\n"), tls);
     /* Paho 1.3 puts an MQTT 5 CONNACK's refusal in the return code, not in reasonCode. */
     connack = e->reason >= 0x80 ? e->reason : e->rc >= 0x80 && e->rc <= 0xFF ? e->rc : 0;
     if (connack) {
@@ -918,6 +1143,7 @@ static void connect_failed(struct mqtt *h, int64_t now, const struct ev *e)
         char t[160];
         tls_reason(t, sizeof(t), tls);
         snprintf(why, sizeof(why), "TLS handshake failed: %s", t);
+        diagnose = strstr(t, "certificate verify failed") != NULL;
     } else if (strstr(e->text, "completion")) {
         /* With TLS 1.3 the broker checks our certificate after the handshake has completed on
          * our side: its refusal reaches us as a reset connection, without an OpenSSL error. */
@@ -925,9 +1151,11 @@ static void connect_failed(struct mqtt *h, int64_t now, const struct ev *e)
                  "(%s): does it trust our client certificate (forward.tls.cert_file)?", e->text);
     } else if (strstr(e->text, "connect failure")) {
         /* Paho gives these words to a refused port, a reset, and a certificate that does not
-         * name the host (its own check, after OpenSSL's): name all three. */
+         * name the host (its own check, after OpenSSL's): name all three, until a diagnosis
+         * tells (link_failed_diagnosed). */
         snprintf(why, sizeof(why), "%s: is the broker running and the port open, and does its "
                  "certificate name the host in forward.url?", e->text);
+        diagnose = 1;
     } else if (e->text[0]) {
         snprintf(why, sizeof(why), "%s%s", e->text,
                  strstr(e->text, "timeout") ? " (is the broker running, is the port open?)" : "");
@@ -936,7 +1164,10 @@ static void connect_failed(struct mqtt *h, int64_t now, const struct ev *e)
         snprintf(why, sizeof(why), "%s (can the host in forward.url be resolved?)",
                  MQTTAsync_strerror(e->rc));
     }
-    link_failed(h, now, why, 0);
+    if (diagnose)
+        link_failed_diagnosed(h, now, why);
+    else
+        link_failed(h, now, why, 0);
 }
 
 static void got_puback(struct mqtt *h, const struct ev *e)
@@ -1147,6 +1378,7 @@ static int64_t mqtt_tick(void *t, int64_t now)
         free(e->payload);
         free(e);
     }
+    diag_collect(h);
     if (lost && h->state != ST_IDLE) {
         cis_error("[mqtt] out of memory on Paho's thread: an event was lost; reconnecting");
         MQTTAsync_disconnect(h->client, NULL);
@@ -1314,6 +1546,8 @@ static void mqtt_abort_all(void *t)
 /* Free everything but the Paho client (client_close first). */
 static void mqtt_free(struct mqtt *h)
 {
+    /* First: the worker uses the mutex and the pipe. */
+    diag_free(h);
     while (h->pending) {
         struct batch *p = h->pending;
         h->pending = p->next;
