@@ -190,8 +190,7 @@ static void classify(struct xfer *x, CURLcode rc, struct agent_send_result *r)
         if (curl_easy_getinfo(x->easy, CURLINFO_RETRY_AFTER, &ra) == CURLE_OK && ra > 0)
             r->retry_after_ms = (int64_t)ra * 1000;
         snprintf(r->reason, sizeof(r->reason), "HTTP %ld: %s", r->code,
-                 r->code == 401 ? "the receiver refused this gateway's client certificate or "
-                                  "token: " : "");
+                 r->code == 401 ? "the receiver refused this gateway: " : "");
         reason_from_body(x->resp, r->reason + strlen(r->reason), sizeof(r->reason) - strlen(r->reason));
     } else {
         /* Any other 4xx is the receiver's final word on this batch: never retried. */
