@@ -43,6 +43,7 @@ struct agent_forwarder {
     int ledger_alone;  /* a batch with loss entries and records was refused: loss entries go
                         * in batches of their own until they are through */
     int aborting;      /* inside agent_forwarder_abort(): results say nothing of the link */
+    int ack_err;       /* the last delete of acknowledged segments failed (logged once) */
     struct agent_link link; /* for `status`; in_flight is filled in on request */
 };
 
@@ -76,12 +77,19 @@ static void on_sent(void *ctx, uint64_t token, const struct agent_send_result *r
          * segments may leave the spool. */
         rc = agent_spool_ack(f->spool, s->first_seqs, s->nseg);
         if (rc) {
-            cis_warn("[forward] acknowledged segments could not be deleted (%s): they will be "
-                     "sent again, and the receiver will drop the duplicates", cis_strerror(rc));
+            /* Once per change of state: a full disk fails every retry. */
+            if (f->ack_err != rc)
+                cis_warn("[forward] acknowledged segments could not be deleted (%s): they will "
+                         "be sent again, and the receiver will drop the duplicates",
+                         cis_strerror(rc));
+            f->ack_err = rc;
             /* A failed ack leaves them in flight; only a release makes them claimable again. */
             agent_spool_release(f->spool, s->first_seqs, s->nseg);
             f->due_at = now;
             agent_spool_failed(f->a, rc);
+        } else if (f->ack_err) {
+            cis_info("[forward] acknowledged segments are deleted again");
+            f->ack_err = 0;
         }
         if (s->nledger) {
             rc = agent_spool_ledger_mark_sent(f->spool, s->ledger_ids, s->nledger);

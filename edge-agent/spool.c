@@ -17,13 +17,31 @@
  *   transaction changed, applied only after its COMMIT returned, so stats never touch the disk
  *   and never count what was rolled back.
  *
+ * TTL clock: segments' created_ms and expires_ms, and the expiry checks, use the spool's own
+ * clock: the wall clock at open, advanced by the monotonic clock (spool__now()). A wall clock
+ * that jumps while the agent runs (NTP setting a Pi that booted at 1970, or a clock set back)
+ * neither expires records early nor keeps them late. Stamps made while the wall clock was
+ * unset (before SPOOL_CLOCK_FLOOR_MS, a Pi without an RTC before NTP) get their TTL counted
+ * again from the first open with a set clock (spool__clock_rebase()), so the jump from 1970 to
+ * now between two runs does not expire them either. Downtime between runs counts, by the wall
+ * clock of the next start.
+ *
  * Size model (opts.max_size bounds the database file plus its WAL):
  * - The WAL is checkpointed with TRUNCATE after any transaction that takes it past a small
- *   threshold (wal_ckpt), without waiting on readers, so at rest it is below wal_ckpt.
+ *   threshold (wal_ckpt), without waiting on readers, and at once given back wal_keep frames of
+ *   disk (1.25 x wal_ckpt, zero-filled: SQLite reads a WAL only as far as its frames are valid),
+ *   so at rest the WAL file is wal_keep frames. That space is the spool's room on a full disk:
+ *   every transaction up to wal_keep - wal_ckpt after the last checkpoint fits into blocks the
+ *   WAL already holds, so the spool can still delete what the receiver acknowledged and reuse
+ *   its own free pages (a WAL truncated to zero would need new blocks even for a delete).
+ * - A commit that grows the database reserves the file's new size before it commits
+ *   (SQLITE_FCNTL_SIZE_HINT): on a full disk it fails there, cleanly, instead of committing
+ *   into the WAL pages that the checkpoint could then not copy into the file (the WAL could
+ *   never be rewritten, and every later transaction, deletes included, would need more disk).
  * - The database may use db_budget pages' worth of bytes: max_size less half the checkpoint
  *   threshold and a margin for one commit. The file then sits between db_budget - one commit and
- *   db_budget, the WAL adds 0..wal_ckpt (+ one commit for a moment), and the sum stays within
- *   a few percent either side of max_size.
+ *   db_budget, the WAL adds wal_keep at rest (up to wal_ckpt + one commit for a moment), and the
+ *   sum stays within a few percent either side of max_size.
  * - Usage is counted in pages (page_count - freelist_count) inside the write transaction, which
  *   is exact and cheap (both are in page 1). Pages freed by acks and evictions go to the freelist
  *   and are reused, so a full spool's file does not grow.
@@ -32,11 +50,13 @@
 
 #include <errno.h>
 #include <libgen.h>
+#include <pthread.h>
 #include <sqlite3.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <sys/statvfs.h>
 
 #include "cistern/backoff.h"
 #include "cistern/err.h"
@@ -56,10 +76,16 @@
 #define SPOOL_VACUUM_STEP 256
 #define SPOOL_WAL_HDR 32
 #define SPOOL_WAL_FRAME_HDR 24
+/* A wall clock before this (2024-01-01T00:00:00Z) is taken as unset (see the top of the file). */
+#define SPOOL_CLOCK_FLOOR_MS 1704067200000LL
+/* The database file grows by this many pages at a time (SQLITE_FCNTL_CHUNK_SIZE). */
+#define SPOOL_CHUNK_PAGES 16
 
 static const char spool_detail_evicted[] = "spool.max_size reached (when_full: drop_oldest)";
 static const char spool_detail_expired[] = "record TTL passed before delivery";
 static const char spool_detail_tampered[] = "segment failed authentication (AES-GCM)";
+static const char spool_detail_checksum[] =
+    "segment failed its checksum: the spool file was damaged (e.g. the storage)";
 
 enum {
     ST_BEGIN,
@@ -89,8 +115,8 @@ static const char *const spool_sql[ST_COUNT] = {
     [ST_COMMIT] = "COMMIT",
     [ST_ROLLBACK] = "ROLLBACK",
     [ST_SEG_INSERT] = "INSERT INTO segments(first_seq, last_seq, priority, record_count, "
-                      "compression, raw_size, created_ms, data, expires_ms, sealed) "
-                      "VALUES(?,?,?,?,?,?,?,?,?,?)",
+                      "compression, raw_size, created_ms, data, expires_ms, sealed, crc) "
+                      "VALUES(?,?,?,?,?,?,?,?,?,?,?)",
     [ST_SET_NEXT_SEQ] = "UPDATE meta SET value = ? WHERE key = 'next_seq'",
     /* Only columns stored before the blob, and length(data), which does not load it: in-flight
      * rows are skipped cheaply. expires_ms and sealed are stored after the blob (version 1
@@ -99,7 +125,7 @@ static const char *const spool_sql[ST_COUNT] = {
      * index segments_prio. */
     [ST_CLAIM_SCAN] = "SELECT first_seq, last_seq, priority, record_count, compression, raw_size, "
                       "created_ms, length(data) FROM segments ORDER BY priority, first_seq",
-    [ST_SEG_DATA] = "SELECT data, expires_ms, sealed FROM segments WHERE first_seq = ?",
+    [ST_SEG_DATA] = "SELECT data, expires_ms, sealed, crc FROM segments WHERE first_seq = ?",
     [ST_SEG_INFO] = "SELECT last_seq, record_count, priority, length(data) FROM segments "
                     "WHERE first_seq = ?",
     [ST_SEG_DELETE] = "DELETE FROM segments WHERE first_seq = ?",
@@ -124,14 +150,16 @@ static const char *const spool_sql[ST_COUNT] = {
     [ST_FREELIST_COUNT] = "PRAGMA freelist_count",
 };
 
-/* Version 2. The two segment columns come after data so that a version-1 file upgraded with
- * ALTER TABLE ... ADD COLUMN and a new file have the same layout. */
+/* Version 3. The segment columns after data came with versions 2 and 3, so that a file
+ * upgraded with ALTER TABLE ... ADD COLUMN and a new file have the same layout. crc: see
+ * spool__seg_crc() (0: a segment stored before version 3, not checked). */
 static const char spool_schema_sql[] =
     "CREATE TABLE meta(key TEXT PRIMARY KEY, value INTEGER NOT NULL);"
     "CREATE TABLE segments(first_seq INTEGER PRIMARY KEY, last_seq INTEGER NOT NULL,"
     " priority INTEGER NOT NULL, record_count INTEGER NOT NULL, compression INTEGER NOT NULL,"
     " raw_size INTEGER NOT NULL, created_ms INTEGER NOT NULL, data BLOB NOT NULL,"
-    " expires_ms INTEGER NOT NULL DEFAULT 0, sealed INTEGER NOT NULL DEFAULT 0);"
+    " expires_ms INTEGER NOT NULL DEFAULT 0, sealed INTEGER NOT NULL DEFAULT 0,"
+    " crc INTEGER NOT NULL DEFAULT 0);"
     "CREATE INDEX segments_prio ON segments(priority, first_seq);"
     "CREATE INDEX segments_expires ON segments(expires_ms) WHERE expires_ms > 0;"
     "CREATE TABLE ledger(id INTEGER PRIMARY KEY, reason TEXT NOT NULL, epoch INTEGER NOT NULL,"
@@ -146,6 +174,11 @@ static const char spool_upgrade_v2_sql[] =
     "CREATE INDEX segments_expires ON segments(expires_ms) WHERE expires_ms > 0;"
     "CREATE INDEX ledger_unsent ON ledger(id) WHERE sent = 0;"
     "UPDATE meta SET value = 2 WHERE key = 'schema_version';";
+
+/* Version 2 -> 3, run inside the open transaction (after the step above for a version-1 file). */
+static const char spool_upgrade_v3_sql[] =
+    "ALTER TABLE segments ADD COLUMN crc INTEGER NOT NULL DEFAULT 0;"
+    "UPDATE meta SET value = 3 WHERE key = 'schema_version';";
 
 struct agent_spool {
     sqlite3 *db;
@@ -178,8 +211,11 @@ struct agent_spool {
     uint32_t page_size;
     uint64_t page_count, freelist_count; /* after the last transaction */
     /* WAL frames: wal_frames as the wal hook last reported (frames since the WAL was reset);
-     * wal_hwm the most the file holds until it is truncated (a restarted WAL reuses the file). */
-    uint64_t wal_frames, wal_hwm;
+     * wal_hwm the most the file holds until it is truncated (a restarted WAL reuses the file, and
+     * after a truncation it holds wal_keep frames of reserved space). */
+    uint64_t wal_frames, wal_hwm, wal_keep;
+    /* The TTL clock's origin: the wall and monotonic clocks at open (see spool__now()). */
+    int64_t clock_wall0, clock_mono0;
     /* State-change logging. */
     int full;     /* the last commit failed with CIS_EFULL */
     int evicting; /* in a run of commits that evict */
@@ -187,6 +223,11 @@ struct agent_spool {
     int ckpt_blocked; /* the last checkpoint was blocked (SQLITE_BUSY) */
     int ckpt_err;     /* the last checkpoint failed otherwise (logged once) */
     int wal_capped;   /* a commit failed with CIS_EAGAIN at the WAL cap */
+    /* synchronous=FULL; else NORMAL, where wal_unsynced says a commit since the last WAL sync
+     * (or complete checkpoint) could still be undone by a power cut (see spool__durable()). */
+    int sync_full;
+    int wal_unsynced;
+    int wal_sync_err; /* the last WAL sync failed (logged once) */
 };
 
 /* What one transaction changed; applied to the counters only after its COMMIT returned. */
@@ -223,11 +264,16 @@ static int spool__map(int rc)
 static int spool__fail(struct agent_spool *s, const char *what, int rc)
 {
     int code = spool__map(rc);
+    /* A code the connection did not set (spool__commit_tx()'s reservation) has no message
+     * there: SQLite's text for the code itself. */
+    int ext = sqlite3_extended_errcode(s->db);
+    const char *msg = (ext & 0xff) == (rc & 0xff) ? sqlite3_errmsg(s->db) : sqlite3_errstr(rc);
+    if ((ext & 0xff) != (rc & 0xff))
+        ext = rc;
     if (code != s->last_err)
-        cis_error("[spool] %s: %s (sqlite %d)", what, sqlite3_errmsg(s->db),
-                  sqlite3_extended_errcode(s->db));
+        cis_error("[spool] %s: %s (sqlite %d)", what, msg, ext);
     else
-        cis_debug("[spool] %s: %s (again)", what, sqlite3_errmsg(s->db));
+        cis_debug("[spool] %s: %s (again)", what, msg);
     s->last_err = code;
     return code;
 }
@@ -254,6 +300,56 @@ static int spool__int(sqlite3_stmt *st, uint64_t *out)
     }
     sqlite3_reset(st);
     return rc;
+}
+
+/* CRC-32C (Castagnoli), table-driven; the table is made once. */
+static uint32_t spool_crc_table[256];
+static pthread_once_t spool_crc_once = PTHREAD_ONCE_INIT;
+
+static void spool__crc_init(void)
+{
+    for (uint32_t i = 0; i < 256; i++) {
+        uint32_t c = i;
+        for (int k = 0; k < 8; k++)
+            c = c & 1 ? (c >> 1) ^ 0x82F63B78u : c >> 1;
+        spool_crc_table[i] = c;
+    }
+}
+
+static uint32_t spool__crc(uint32_t crc, const uint8_t *p, size_t n)
+{
+    crc = ~crc;
+    while (n--)
+        crc = spool_crc_table[(crc ^ *p++) & 0xff] ^ (crc >> 8);
+    return ~crc;
+}
+
+/* A segment row's checksum: CRC-32C over its fields and its stored blob, with bit 32 set (0 in
+ * the column: a row stored before schema version 3). SQLite checks its own structure
+ * (quick_check at start, SQLITE_CORRUPT at run time), not the bytes inside a row: without this,
+ * a damaged blob or seq range would be sent as it is, and the receiver would refuse it (or, in
+ * an uncompressed segment, store damaged payloads as if they were the records). */
+static int64_t spool__seg_crc(uint64_t first, uint64_t last, int64_t prio, int64_t count,
+                              int64_t compression, int64_t raw_size, const uint8_t *blob,
+                              size_t len)
+{
+    const uint64_t f[6] = {first, last, (uint64_t)prio, (uint64_t)count, (uint64_t)compression,
+                           (uint64_t)raw_size};
+    uint8_t h[sizeof(f)];
+    for (size_t i = 0; i < 6; i++)
+        for (size_t b = 0; b < 8; b++)
+            h[i * 8 + b] = (uint8_t)(f[i] >> (8 * b));
+    pthread_once(&spool_crc_once, spool__crc_init);
+    uint32_t c = spool__crc(0, h, sizeof(h));
+    if (len)
+        c = spool__crc(c, blob, len);
+    return (int64_t)((uint64_t)c | (1ULL << 32));
+}
+
+/* The spool's TTL clock, in wall-clock milliseconds that never jump (see the top of the file). */
+static int64_t spool__now(const struct agent_spool *s)
+{
+    return s->clock_wall0 + (cis_mono_ms() - s->clock_mono0);
 }
 
 static int spool__begin(struct agent_spool *s)
@@ -406,12 +502,39 @@ static int spool__wal_hook(void *arg, sqlite3 *db, const char *name, int nframe)
     s->wal_frames = nframe > 0 ? (uint64_t)nframe : 0;
     if (s->wal_frames > s->wal_hwm)
         s->wal_hwm = s->wal_frames;
+    s->wal_unsynced = 1;
     return SQLITE_OK;
 }
 
-/* Checkpoint the WAL and truncate it to zero bytes, waiting at most WAIT_MS for readers (0: not
- * at all: a `status` reader must never stall the agent). Returns 0, CIS_EAGAIN (a reader or
- * another checkpointer was in the way: retried after the next transaction), or a CIS_E* code. */
+/* Give the WAL file wal_keep frames of disk again after a checkpoint truncated it (or at open):
+ * see the top of the file. The space is zero-filled (posix_fallocate through SQLite's VFS), which
+ * SQLite takes for no frames. Best effort: on a full disk the WAL stays as it is, and the next
+ * checkpoint tries again. */
+static void spool__wal_reserve(struct agent_spool *s)
+{
+    sqlite3_file *wal = NULL;
+    if (!s->wal_keep || s->wal_hwm >= s->wal_keep ||
+        sqlite3_file_control(s->db, "main", SQLITE_FCNTL_JOURNAL_POINTER, &wal) != SQLITE_OK ||
+        !wal || !wal->pMethods)
+        return;
+    /* The truncation first, durably. Else a power cut could keep some of the zeros below and
+     * lose the truncation: zeros inside the old, already checkpointed frames, and recovery
+     * would replay only the frames before them, older than the pages the database now holds
+     * (a corrupt spool; found by chaos scenario 8). SQLite syncs a restarted WAL's header for the
+     * same reason. One fdatasync per checkpoint. */
+    if (wal->pMethods->xSync(wal, SQLITE_SYNC_NORMAL) != SQLITE_OK)
+        return;
+    int exact = 1; /* no rounding: the file is then exactly wal_keep frames */
+    sqlite3_int64 want = (sqlite3_int64)spool__wal_bytes_for(s, s->wal_keep);
+    wal->pMethods->xFileControl(wal, SQLITE_FCNTL_CHUNK_SIZE, &exact);
+    if (wal->pMethods->xFileControl(wal, SQLITE_FCNTL_SIZE_HINT, &want) == SQLITE_OK)
+        s->wal_hwm = s->wal_keep;
+}
+
+/* Checkpoint the WAL and truncate it to zero bytes, then reserve wal_keep frames for it again
+ * (spool__wal_reserve()), waiting at most WAIT_MS for readers (0: not at all: a `status` reader
+ * must never stall the agent). Returns 0, CIS_EAGAIN (a reader or another checkpointer was in the
+ * way: retried after the next transaction), or a CIS_E* code. */
 static int spool__checkpoint(struct agent_spool *s, int wait_ms)
 {
     int nlog = 0, nckpt = 0;
@@ -421,10 +544,12 @@ static int spool__checkpoint(struct agent_spool *s, int wait_ms)
     if (rc == SQLITE_OK) {
         s->wal_frames = 0;
         s->wal_hwm = 0;
+        s->wal_unsynced = 0; /* a complete checkpoint synced the WAL, then the database */
         if (s->ckpt_blocked || s->ckpt_err)
             cis_info("[spool] WAL checkpoints work again; the WAL is truncated");
         s->ckpt_blocked = 0;
         s->ckpt_err = 0;
+        spool__wal_reserve(s);
         return CIS_OK;
     }
     if ((rc & 0xff) == SQLITE_BUSY || (rc & 0xff) == SQLITE_LOCKED) {
@@ -443,6 +568,36 @@ static int spool__checkpoint(struct agent_spool *s, int wait_ms)
     return spool__map(rc);
 }
 
+/* Make every commit so far survive a power cut before anything read from the spool leaves the
+ * process. With synchronous=FULL each commit already did. With NORMAL a commit lives only in the
+ * WAL until the WAL is synced (at a checkpoint): were a segment sent before that, a power cut
+ * could take back its commit, next_seq with it, and the next commit would hand the same seqs to
+ * other records, which the receiver would then drop as duplicates of what it already holds.
+ * So sync the WAL (one fdatasync, and only when something was committed since the last sync):
+ * what a power cut undoes is then only what never left the agent. Returns 0 or CIS_EDB. */
+static int spool__durable(struct agent_spool *s)
+{
+    if (s->sync_full || !s->wal_unsynced)
+        return CIS_OK;
+    sqlite3_file *wal = NULL;
+    int rc = sqlite3_file_control(s->db, "main", SQLITE_FCNTL_JOURNAL_POINTER, &wal);
+    if (rc == SQLITE_OK && wal && wal->pMethods)
+        rc = wal->pMethods->xSync(wal, SQLITE_SYNC_NORMAL);
+    if (rc != SQLITE_OK) {
+        if (!s->wal_sync_err)
+            cis_error("[spool] cannot sync the WAL (sqlite %d): nothing is forwarded until it"
+                      " can be",
+                      rc);
+        s->wal_sync_err = 1;
+        return CIS_EDB;
+    }
+    if (s->wal_sync_err)
+        cis_info("[spool] the WAL can be synced again");
+    s->wal_sync_err = 0;
+    s->wal_unsynced = 0;
+    return CIS_OK;
+}
+
 /* Pages in use and in the file, read inside the current transaction (or in a short read
  * transaction of their own). Both come from page 1: no I/O beyond the page cache. */
 static int spool__pages(struct agent_spool *s, uint64_t *page_count, uint64_t *freelist)
@@ -451,6 +606,33 @@ static int spool__pages(struct agent_spool *s, uint64_t *page_count, uint64_t *f
     if (rc == SQLITE_OK)
         rc = spool__int(s->st[ST_FREELIST_COUNT], freelist);
     return rc;
+}
+
+/* COMMIT the open write transaction, after reserving the disk blocks its pages take in the
+ * database file (see the top of the file). In WAL mode the file grows only when a checkpoint
+ * copies the pages in; on a full disk that checkpoint would fail after the commit, and the WAL
+ * could then never be rewritten. Reserving first makes the commit itself fail instead: the
+ * caller rolls back, and SQLITE_FULL says why. */
+static int spool__commit_tx(struct agent_spool *s)
+{
+    uint64_t pc = 0;
+    int rc = spool__int(s->st[ST_PAGE_COUNT], &pc);
+    if (rc != SQLITE_OK)
+        return rc;
+    /* SQLite's unix VFS extends the file (posix_fallocate) to whole chunks, only if it is
+     * shorter: one fstat() when nothing grew. */
+    sqlite3_int64 want = (sqlite3_int64)(pc * s->page_size);
+    rc = sqlite3_file_control(s->db, "main", SQLITE_FCNTL_SIZE_HINT, &want);
+    if (rc != SQLITE_OK && rc != SQLITE_NOTFOUND) {
+        /* The VFS says only "write failed": a full disk, if it lacks the room this grows by. */
+        struct statvfs vfs;
+        uint64_t need = (pc > s->page_count ? (pc - s->page_count) * s->page_size : 0) +
+                        (uint64_t)s->page_size * SPOOL_CHUNK_PAGES;
+        if (statvfs(s->path, &vfs) == 0 && (uint64_t)vfs.f_bavail * vfs.f_frsize < need)
+            return SQLITE_FULL;
+        return rc;
+    }
+    return spool__exec(s->st[ST_COMMIT]);
 }
 
 /* Give back pages above the budget (max_size lowered, or after a big backlog was delivered), a
@@ -495,8 +677,9 @@ static int spool__vacuum_some(struct agent_spool *s)
  * checkpoint that a reader blocks is simply tried again after the next transaction. */
 static void spool__ckpt_if_due(struct agent_spool *s)
 {
-    uint64_t frames = s->wal_hwm > s->wal_frames ? s->wal_hwm : s->wal_frames;
-    if (spool__wal_bytes_for(s, frames) >= s->wal_ckpt)
+    /* Frames since the WAL was reset, not the file's size: up to wal_keep frames of it are the
+     * room reserved after the last checkpoint. */
+    if (spool__wal_bytes_for(s, s->wal_frames) >= s->wal_ckpt)
         spool__checkpoint(s, 0);
 }
 
@@ -598,6 +781,12 @@ static void spool__limits(struct agent_spool *s, const struct agent_spool_opts *
         uint64_t cap = m + m / 20 - budget;
         s->wal_cap = cap < s->wal_max ? cap : s->wal_max;
     }
+    /* The room the WAL keeps on disk (see the top of the file): a quarter of the threshold past
+     * it, so the transaction that crosses the threshold still fits on a full disk. */
+    uint64_t keep = s->wal_ckpt + s->wal_ckpt / 4;
+    if (keep > s->wal_cap)
+        keep = s->wal_cap;
+    s->wal_keep = keep > SPOOL_WAL_HDR ? (keep - SPOOL_WAL_HDR) / spool__frame_bytes(s) : 0;
 }
 
 /* ---- the ledger ---- */
@@ -801,6 +990,37 @@ static int spool__check_key(struct agent_spool *s, char *err, size_t errlen)
     return CIS_OK;
 }
 
+/* With the wall clock set (SPOOL_CLOCK_FLOOR_MS), give the segments whose TTL was stamped while
+ * it was unset (a Pi that booted at 1970) their whole TTL again from now: their age is unknown,
+ * and counting it from 1970 would expire them all at once (see the top of the file). One
+ * UPDATE on the expires_ms index; best effort (they then expire later, never sooner). */
+static void spool__clock_rebase(struct agent_spool *s)
+{
+    if (s->clock_wall0 < SPOOL_CLOCK_FLOOR_MS)
+        return;
+    sqlite3_stmt *st = NULL;
+    int rc = sqlite3_prepare_v2(s->db,
+                                "UPDATE segments SET expires_ms = ?1 + (expires_ms - created_ms),"
+                                " created_ms = ?1 WHERE expires_ms > 0 AND expires_ms < ?2",
+                                -1, &st, NULL);
+    if (rc == SQLITE_OK) {
+        sqlite3_bind_int64(st, 1, spool__now(s));
+        sqlite3_bind_int64(st, 2, SPOOL_CLOCK_FLOOR_MS);
+        rc = spool__exec(st);
+    }
+    int n = rc == SQLITE_OK ? sqlite3_changes(s->db) : 0;
+    sqlite3_finalize(st);
+    if (rc != SQLITE_OK)
+        cis_warn("[spool] cannot restart the TTL of segments stored before the clock was set: %s",
+                 sqlite3_errmsg(s->db));
+    else if (n > 0)
+        cis_info("[spool] %d segments were stored while the clock was not set (before 2024): their"
+                 " TTL counts from now",
+                 n);
+    if (n > 0)
+        spool__after_tx(s);
+}
+
 /* Create the schema, or check (and upgrade) an existing one, and load meta and the counters, in
  * one transaction. */
 static int spool__init_db(struct agent_spool *s, char *err, size_t errlen)
@@ -884,6 +1104,17 @@ static int spool__init_db(struct agent_spool *s, char *err, size_t errlen)
                 goto out;
             }
             upgraded = 1;
+        }
+        if (v <= 2) {
+            /* Rows stored so far keep crc 0: not checked (see spool__seg_crc()). */
+            rc = sqlite3_exec(s->db, spool_upgrade_v3_sql, NULL, NULL, NULL);
+            if (rc != SQLITE_OK) {
+                cis_set_err(err, errlen, "%s: upgrade to schema version 3: %s", s->path,
+                            sqlite3_errmsg(s->db));
+                ret = spool__map(rc);
+                goto out;
+            }
+            upgraded = (int)v;
         }
         rc = spool__meta_get(s->db, "epoch", &v);
         if (rc != SQLITE_OK || v <= 0) {
@@ -969,7 +1200,7 @@ static int spool__init_db(struct agent_spool *s, char *err, size_t errlen)
     if (created)
         cis_info("[spool] created %s", s->path);
     if (upgraded)
-        cis_info("[spool] upgraded %s from schema version 1 to %d", s->path,
+        cis_info("[spool] upgraded %s from schema version %d to %d", s->path, upgraded,
                  AGENT_SPOOL_SCHEMA_VERSION);
 
 out:
@@ -1019,6 +1250,9 @@ int agent_spool_open(const struct agent_spool_opts *o, struct agent_spool **out,
     }
     s->zstd_level = o->zstd_level;
     s->seal = o->seal;
+    s->clock_wall0 = cis_wall_ms();
+    s->clock_mono0 = cis_mono_ms();
+    s->sync_full = o->sync_full;
 
     /* NOMUTEX: one connection used by one thread (the agent's event loop). */
     rc = sqlite3_open_v2(o->path, &s->db,
@@ -1110,6 +1344,10 @@ int agent_spool_open(const struct agent_spool_opts *o, struct agent_spool **out,
             ret = spool__map(rc);
             goto out;
         }
+        /* The file grows by whole chunks (spool__commit_tx()): fewer extensions, and room for a
+         * page that a transaction other than a commit may add (a ledger row). */
+        int chunk = (int)s->page_size * SPOOL_CHUNK_PAGES;
+        sqlite3_file_control(s->db, "main", SQLITE_FCNTL_CHUNK_SIZE, &chunk);
     }
     /* Our hook replaces wal_autocheckpoint (which waits on readers); see spool__after_tx(). */
     sqlite3_wal_hook(s->db, spool__wal_hook, s);
@@ -1123,7 +1361,9 @@ int agent_spool_open(const struct agent_spool_opts *o, struct agent_spool **out,
             sqlite3_prepare_v3(s->db, spool_sql[i], -1, SQLITE_PREPARE_PERSISTENT, &s->st[i], NULL);
         if (rc != SQLITE_OK) {
             cis_set_err(err, errlen, "%s: prepare: %s", o->path, sqlite3_errmsg(s->db));
-            ret = spool__map(rc);
+            /* The schema is ours (init checked its version): a table or column it lacks is a
+             * damaged schema, for the caller to quarantine, not a reason not to start. */
+            ret = (rc & 0xff) == SQLITE_ERROR ? CIS_ECORRUPT : spool__map(rc);
             goto out;
         }
     }
@@ -1140,6 +1380,19 @@ int agent_spool_open(const struct agent_spool_opts *o, struct agent_spool **out,
         ret = spool__map(rc);
         goto out;
     }
+    /* Mark the spool open (meta open_boot, see agent_spool_boot_mark()); the checkpoint below
+     * puts the mark in the database file itself, after syncing the WAL (and so its name in the
+     * directory). A mark found there by the next start with no -wal beside the file means the
+     * WAL of an unclean stop is gone (spool_recover.c). Best effort: without it, that one case
+     * is not detected. */
+    {
+        char sql[96];
+        snprintf(sql, sizeof(sql),
+                 "INSERT OR REPLACE INTO meta(key, value) VALUES('open_boot', %lld)",
+                 (long long)agent_spool_boot_mark());
+        if (sqlite3_exec(s->db, sql, NULL, NULL, NULL) != SQLITE_OK)
+            cis_debug("[spool] cannot mark the spool open: %s", sqlite3_errmsg(s->db));
+    }
     /* A WAL left by the previous run: learn its size, and start from an empty one if no reader
      * is in the way. */
     {
@@ -1152,6 +1405,7 @@ int agent_spool_open(const struct agent_spool_opts *o, struct agent_spool **out,
         spool__checkpoint(s, 0);
     }
     spool__after_tx(s); /* gives back pages if max_size was lowered */
+    spool__clock_rebase(s);
 
     cis_info("[spool] opened %s epoch=%llu next_seq=%llu pending=%llu records in %llu segments%s",
              s->path, (unsigned long long)s->epoch, (unsigned long long)s->next_seq,
@@ -1172,6 +1426,11 @@ void agent_spool_close(struct agent_spool *s)
 {
     if (!s)
         return;
+    /* Closed cleanly: the last connection's close checkpoints this into the file, then removes
+     * the WAL (see agent_spool_open()). */
+    if (s->db && sqlite3_get_autocommit(s->db))
+        sqlite3_exec(s->db, "UPDATE meta SET value = 0 WHERE key = 'open_boot'", NULL, NULL,
+                     NULL);
     for (int i = 0; i < ST_COUNT; i++)
         sqlite3_finalize(s->st[i]);
     if (s->db)
@@ -1184,6 +1443,25 @@ void agent_spool_close(struct agent_spool *s)
 uint64_t agent_spool_epoch(const struct agent_spool *s)
 {
     return s->epoch;
+}
+
+int64_t agent_spool_boot_mark(void)
+{
+    /* FNV-1a of the kernel's boot id: the same for every process of one boot. */
+    char id[64] = "";
+    FILE *fp = fopen("/proc/sys/kernel/random/boot_id", "re");
+    if (fp) {
+        if (!fgets(id, sizeof(id), fp))
+            id[0] = '\0';
+        fclose(fp);
+    }
+    if (!id[0])
+        return 1;
+    uint64_t h = 0xcbf29ce484222325ULL;
+    for (const char *p = id; *p && *p != '\n'; p++)
+        h = (h ^ (uint8_t)*p) * 0x100000001b3ULL;
+    h &= INT64_MAX;
+    return h > 1 ? (int64_t)h : 2;
 }
 
 /* One (priority, ttl) group of a commit: its slice of the work array. */
@@ -1396,7 +1674,7 @@ int agent_spool_commit(struct agent_spool *s, struct cis_record *recs, const uin
     if (ret)
         goto out;
 
-    const int64_t created = cis_wall_ms();
+    const int64_t created = spool__now(s);
     rc = spool__begin(s);
     if (rc != SQLITE_OK) {
         ret = spool__fail(s, "commit: begin", rc);
@@ -1450,6 +1728,11 @@ int agent_spool_commit(struct agent_spool *s, struct cis_record *recs, const uin
         sqlite3_bind_blob64(st, 8, pt->data, pt->len, SQLITE_STATIC);
         sqlite3_bind_int64(st, 9, expires);
         sqlite3_bind_int(st, 10, s->seal ? 1 : 0);
+        sqlite3_bind_int64(st, 11,
+                           spool__seg_crc(base + pt->start, base + pt->start + pt->cnt - 1,
+                                          (int64_t)pt->prio, (int64_t)pt->cnt,
+                                          pt->seg.compression, (int64_t)pt->seg.raw_size,
+                                          pt->data, pt->len));
         rc = spool__exec(st);
         sqlite3_clear_bindings(st); /* do not keep a pointer to pt->data */
         if (rc != SQLITE_OK) {
@@ -1483,7 +1766,7 @@ int agent_spool_commit(struct agent_spool *s, struct cis_record *recs, const uin
     }
     /* The records are durable (per synchronous) once this COMMIT returns; only then may the
      * caller acknowledge its sources. */
-    rc = spool__exec(s->st[ST_COMMIT]);
+    rc = spool__commit_tx(s);
     if (rc != SQLITE_OK) {
         ret = spool__fail(s, "commit", rc);
         goto out;
@@ -1534,6 +1817,11 @@ int agent_spool_commit(struct agent_spool *s, struct cis_record *recs, const uin
 out:
     if (in_tx)
         spool__rollback(s);
+    /* The disk is full and this commit did not fit in the WAL's room: checkpoint now, which
+     * gives the WAL its whole reserved room back for the next transaction, instead of leaving
+     * every later one that crosses the same point to fail the same way. */
+    if (ret == CIS_ENOSPC && s->wal_frames)
+        spool__checkpoint(s, 0);
     for (size_t k = 0; part && k < npart; k++)
         free(part[k].data);
     free(part);
@@ -1543,9 +1831,11 @@ out:
     return ret;
 }
 
-/* Delete segments that failed authentication, one ledger row each ("tampered"), in one
- * transaction. Best effort: on failure they stay stored and are skipped again next time. */
-static void spool__drop_tampered(struct agent_spool *s, const uint64_t *firsts, size_t n)
+/* Delete segments that failed authentication (REASON "tampered") or their checksum
+ * ("corrupt_spool"), one ledger row each, in one transaction. Best effort: on failure they stay
+ * stored and are skipped again next time. */
+static void spool__drop_bad(struct agent_spool *s, const uint64_t *firsts, size_t n,
+                            const char *reason, const char *detail)
 {
     struct spool_delta d;
     memset(&d, 0, sizeof(d));
@@ -1555,25 +1845,46 @@ static void spool__drop_tampered(struct agent_spool *s, const uint64_t *firsts, 
     int rc = spool__begin(s);
     for (size_t i = 0; rc == SQLITE_OK && i < n; i++) {
         int found = 0;
-        rc = spool__drop_seg(s, firsts[i], "tampered", spool_detail_tampered, 0, now, &d, &found);
+        rc = spool__drop_seg(s, firsts[i], reason, detail, 0, now, &d, &found);
     }
     if (rc == SQLITE_OK)
         rc = spool__read_oldest(s, &min_first, &oldest);
     if (rc == SQLITE_OK)
-        rc = spool__exec(s->st[ST_COMMIT]);
+        rc = spool__commit_tx(s);
     if (rc != SQLITE_OK) {
-        spool__fail(s, "claim: drop tampered segments", rc);
+        spool__fail(s, "claim: drop damaged segments", rc);
         spool__rollback(s);
         return;
     }
     spool__apply(s, &d);
     s->min_first_seq = min_first;
     s->oldest_created_ms = oldest;
-    s->tampered_records += d.drop_recs;
-    cis_error("[spool] %llu sealed segments (%llu records) failed authentication: deleted and"
-              " recorded in the loss ledger as tampered",
-              (unsigned long long)d.drop_segs, (unsigned long long)d.drop_recs);
+    if (strcmp(reason, "tampered") == 0) {
+        s->tampered_records += d.drop_recs;
+        cis_error("[spool] %llu sealed segments (%llu records) failed authentication: deleted and"
+                  " recorded in the loss ledger as tampered",
+                  (unsigned long long)d.drop_segs, (unsigned long long)d.drop_recs);
+    } else {
+        cis_error("[spool] %llu segments (%llu records) failed their checksum (the spool file was"
+                  " damaged): deleted and recorded in the loss ledger as %s",
+                  (unsigned long long)d.drop_segs, (unsigned long long)d.drop_recs, reason);
+    }
     spool__after_tx(s);
+}
+
+/* Append V to the array *ARR (*N used, *CAP allocated), growing it. Returns 0 or CIS_ENOMEM. */
+static int spool__push(uint64_t **arr, size_t *n, size_t *cap, uint64_t v)
+{
+    if (*n == *cap) {
+        size_t ncap = *cap ? *cap * 2 : 4;
+        uint64_t *p = realloc(*arr, ncap * sizeof(*p));
+        if (!p)
+            return CIS_ENOMEM;
+        *arr = p;
+        *cap = ncap;
+    }
+    (*arr)[(*n)++] = v;
+    return CIS_OK;
 }
 
 int agent_spool_claim(struct agent_spool *s, size_t max_records, size_t max_bytes,
@@ -1583,6 +1894,8 @@ int agent_spool_claim(struct agent_spool *s, size_t max_records, size_t max_byte
     size_t cnt = 0, cap = 0;
     uint64_t *bad = NULL; /* sealed segments that failed authentication */
     size_t nbad = 0, capbad = 0;
+    uint64_t *dmg = NULL; /* segments that failed their checksum */
+    size_t ndmg = 0, capdmg = 0;
     size_t recs_total = 0, bytes_total = 0;
     sqlite3_stmt *scan = s->st[ST_CLAIM_SCAN];
     sqlite3_stmt *get = s->st[ST_SEG_DATA];
@@ -1593,7 +1906,7 @@ int agent_spool_claim(struct agent_spool *s, size_t max_records, size_t max_byte
     *n = 0;
     if (s->ninflight >= spool__total_segments(s))
         return CIS_OK; /* everything stored is already in flight: no I/O */
-    const int64_t now = cis_wall_ms();
+    const int64_t now = spool__now(s);
 
     while ((rc = sqlite3_step(scan)) == SQLITE_ROW) {
         uint64_t first = (uint64_t)sqlite3_column_int64(scan, 0);
@@ -1623,6 +1936,7 @@ int agent_spool_claim(struct agent_spool *s, size_t max_records, size_t max_byte
         }
         int64_t expires = sqlite3_column_int64(get, 1);
         int sealed = sqlite3_column_int(get, 2);
+        int64_t crc = sqlite3_column_int64(get, 3);
         if (expires != 0 && expires <= now) {
             /* Left for agent_spool_expire(), which ledgers it. */
             sqlite3_reset(get);
@@ -1632,6 +1946,18 @@ int agent_spool_claim(struct agent_spool *s, size_t max_records, size_t max_byte
         const uint8_t *blob = sqlite3_column_blob(get, 0);
         uint8_t *data = NULL;
         size_t len = 0;
+        /* A sealed blob is authenticated below (a change to it is "tampered", as before the
+         * checksum existed); the checksum still covers the row's other fields. */
+        int damaged = crc != 0 && crc != spool__seg_crc(first, last, prio, rcount,
+                                                        sqlite3_column_int64(scan, 4),
+                                                        sqlite3_column_int64(scan, 5), blob, blen);
+        if (damaged && !sealed) {
+            sqlite3_reset(get);
+            ret = spool__push(&dmg, &ndmg, &capdmg, first);
+            if (ret)
+                goto out;
+            continue;
+        }
         if (sealed) {
             if (!s->seal) {
                 /* open refuses a spool with sealed segments and no key: only an outside write
@@ -1661,6 +1987,13 @@ int agent_spool_claim(struct agent_spool *s, size_t max_records, size_t max_byte
             }
             if (ret)
                 goto out;
+            if (damaged) {
+                free(data);
+                ret = spool__push(&dmg, &ndmg, &capdmg, first);
+                if (ret)
+                    goto out;
+                continue;
+            }
         } else {
             data = malloc(blen ? blen : 1);
             if (!data) {
@@ -1707,7 +2040,14 @@ int agent_spool_claim(struct agent_spool *s, size_t max_records, size_t max_byte
     }
     sqlite3_reset(scan); /* end the read before the write below */
     if (nbad)
-        spool__drop_tampered(s, bad, nbad);
+        spool__drop_bad(s, bad, nbad, "tampered", spool_detail_tampered);
+    if (ndmg)
+        spool__drop_bad(s, dmg, ndmg, "corrupt_spool", spool_detail_checksum);
+    if (cnt) {
+        ret = spool__durable(s); /* before any of them can reach the receiver */
+        if (ret)
+            goto out;
+    }
 
     ret = spool__inflight_reserve(s, cnt);
     if (ret)
@@ -1724,6 +2064,7 @@ int agent_spool_claim(struct agent_spool *s, size_t max_records, size_t max_byte
 out:
     sqlite3_reset(scan);
     free(bad);
+    free(dmg);
     agent_spool_segs_free(arr, cnt);
     return ret;
 }
@@ -1777,7 +2118,7 @@ static int spool__remove(struct agent_spool *s, const uint64_t *first_seqs, size
         goto out;
     }
 
-    rc = spool__exec(s->st[ST_COMMIT]);
+    rc = spool__commit_tx(s);
     if (rc != SQLITE_OK) {
         ret = spool__fail(s, what, rc);
         goto out;
@@ -1844,8 +2185,10 @@ int agent_spool_expire(struct agent_spool *s, int64_t now_wall_ms, uint64_t *dro
     if (spool__total_segments(s) == 0)
         return CIS_OK;
 
-    /* A read on the partial index; nothing is written unless something is due. */
-    sqlite3_bind_int64(q, 1, now_wall_ms);
+    /* A read on the partial index; nothing is written unless something is due. The caller's
+     * time is taken relative to the wall clock's now, on the TTL clock (see the top of the
+     * file): the agent passes the wall clock itself. */
+    sqlite3_bind_int64(q, 1, spool__now(s) + (now_wall_ms - cis_wall_ms()));
     while ((rc = sqlite3_step(q)) == SQLITE_ROW) {
         uint64_t first = (uint64_t)sqlite3_column_int64(q, 0);
         if (spool__inflight_find(s, first) != SIZE_MAX)
@@ -1891,7 +2234,7 @@ int agent_spool_expire(struct agent_spool *s, int64_t now_wall_ms, uint64_t *dro
     if (rc == SQLITE_OK)
         rc = spool__pages(s, &pc, &fl);
     if (rc == SQLITE_OK)
-        rc = spool__exec(s->st[ST_COMMIT]);
+        rc = spool__commit_tx(s);
     if (rc != SQLITE_OK) {
         ret = spool__fail(s, "expire", rc);
         spool__rollback(s);
@@ -1930,7 +2273,7 @@ int agent_spool_ledger_add(struct agent_spool *s, const char *reason, uint64_t e
     rc = spool__ledger_put(s, reason, epoch, first_seq, last_seq, count, cis_wall_ms(), detail, 0,
                            &d);
     if (rc == SQLITE_OK)
-        rc = spool__exec(s->st[ST_COMMIT]);
+        rc = spool__commit_tx(s);
     if (rc != SQLITE_OK) {
         int ret = spool__fail(s, "ledger add", rc);
         spool__rollback(s);
@@ -1993,6 +2336,12 @@ int agent_spool_ledger_unsent(struct agent_spool *s, size_t max, Cistern__V1__Lo
         ret = spool__fail(s, "ledger", rc);
         goto out;
     }
+    if (cnt) {
+        sqlite3_reset(st);
+        ret = spool__durable(s); /* a drop the receiver hears of is one no power cut undoes */
+        if (ret)
+            goto out;
+    }
     /* These rows may now travel in a batch: never extend them (see ledger_handed_id). */
     for (size_t i = 0; i < cnt; i++)
         if (arr[i].id > s->ledger_handed_id)
@@ -2048,7 +2397,7 @@ int agent_spool_ledger_mark_sent(struct agent_spool *s, const uint64_t *ids, siz
         }
         changed += (uint64_t)sqlite3_changes(s->db);
     }
-    rc = spool__exec(s->st[ST_COMMIT]);
+    rc = spool__commit_tx(s);
     if (rc != SQLITE_OK) {
         ret = spool__fail(s, "ledger mark sent", rc);
         goto out;

@@ -8,20 +8,23 @@
 
 #include "cistern/codec.h"
 
-/* Schema version this code writes and reads. A newer file is refused at open; a version-1 file
- * is upgraded in place (one transaction) at open.
+/* Schema version this code writes and reads. A newer file is refused at open; a version-1 or -2
+ * file is upgraded in place (one transaction) at open.
  *
- * Schema (version 2). `cistern-agent status` reads these tables directly, read-only:
+ * Schema (version 3). `cistern-agent status` reads these tables directly, read-only:
  *   meta(key TEXT PRIMARY KEY, value INTEGER NOT NULL)
- *       schema_version, epoch, next_seq, and key_id (only once a sealing key was used)
+ *       schema_version, epoch, next_seq, key_id (only once a sealing key was used), and
+ *       open_boot (agent_spool_boot_mark() while the spool is open, 0 once closed cleanly)
  *   segments(first_seq INTEGER PRIMARY KEY, last_seq, priority, record_count, compression,
  *            raw_size, created_ms, data BLOB, expires_ms INTEGER NOT NULL DEFAULT 0 (wall ms;
- *            0: never), sealed INTEGER NOT NULL DEFAULT 0 (1: data is an agent_seal blob))
+ *            0: never), sealed INTEGER NOT NULL DEFAULT 0 (1: data is an agent_seal blob),
+ *            crc INTEGER NOT NULL DEFAULT 0 (CRC-32C of the row's fields and data, bit 32 set;
+ *            0: stored before version 3, not checked))
  *       index segments_prio(priority, first_seq); partial index on expires_ms where > 0
  *   ledger(id INTEGER PRIMARY KEY, reason, epoch, first_seq, last_seq, count, ts_ms, detail,
  *          sent INTEGER NOT NULL DEFAULT 0); partial index on id where sent = 0
  */
-#define AGENT_SPOOL_SCHEMA_VERSION 2
+#define AGENT_SPOOL_SCHEMA_VERSION 3
 
 struct agent_spool;
 struct agent_seal;
@@ -29,7 +32,9 @@ struct agent_seal;
 struct agent_spool_opts {
     const char *path;      /* database file; its directory must exist */
     int sync_full;         /* 0: synchronous=NORMAL (a power cut may undo the last commits, never
-                            * corrupts); 1: synchronous=FULL (a returned commit survives power loss) */
+                            * corrupts; the WAL is synced before claim or ledger_unsent hands out
+                            * anything, so it undoes only what never left the agent);
+                            * 1: synchronous=FULL (a returned commit survives power loss) */
     int zstd_level;        /* passed to cis_segment_encode() */
     uint64_t max_size;     /* bound on the database + WAL files, bytes; 0: unbounded */
     int reject_new;        /* when a commit does not fit in max_size: 0 evicts (drop_oldest),
@@ -53,8 +58,15 @@ struct agent_spool_opts {
 int agent_spool_open(const struct agent_spool_opts *o, struct agent_spool **out, char *err,
                      size_t errlen);
 
-/* Finalize statements and close the connection. Accepts NULL. */
+/* Mark the spool closed cleanly (meta open_boot = 0), finalize statements and close the
+ * connection. Accepts NULL. */
 void agent_spool_close(struct agent_spool *s);
+
+/* A positive number that names this boot of the machine (from the kernel's boot id; 1 when it
+ * cannot be read): the spool's "open" mark in meta open_boot. spool_recover.c compares a mark
+ * left by an unclean stop with it: in the same boot the page cache survived, so the -wal and
+ * -shm files are exactly as the stopped process left them. */
+int64_t agent_spool_boot_mark(void);
 
 /* The spool's epoch: random, made when the database was created, stable across reopen. */
 uint64_t agent_spool_epoch(const struct agent_spool *s);
@@ -106,9 +118,11 @@ struct agent_spool_seg {
  * already in flight and not expired, up to MAX_RECORDS records and MAX_BYTES of stored data.
  * Always at least one segment if any is pending, even if it alone exceeds the limits; stops at
  * the first segment that does not fit (never skips ahead, so order holds). Marks them in flight
- * (in memory only). Sealed segments are opened: the caller gets plaintext segment data. A
+ * (in memory only); with sync_full 0, first syncs the WAL if anything was committed since its last
+ * sync. Sealed segments are opened: the caller gets plaintext segment data. A
  * sealed segment that fails authentication is never returned: it is deleted and recorded in
- * the ledger as "tampered" (the one case where claim writes).
+ * the ledger as "tampered"; nor is a segment that fails its checksum (crc: the file was
+ * damaged), recorded as "corrupt_spool" (the cases where claim writes).
  * On success *OUT is an array of *N segments the caller frees with agent_spool_segs_free()
  * (*OUT == NULL and *N == 0 when nothing is pending). Returns 0, CIS_ENOMEM, CIS_ECORRUPT,
  * CIS_EDB; on failure nothing is marked in flight. */

@@ -364,6 +364,177 @@ static int recover__uri(char *out, size_t len, const char *path, const char *par
     return recover__fmt(out + o, len - o, "?%s", params);
 }
 
+/* ---- the WAL of an unclean stop ---- */
+
+static uint32_t recover__be32(const uint8_t *p)
+{
+    return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3];
+}
+
+/* SQLite's WAL checksum (its file format, section 4.1) over N bytes (a multiple of 8), words in
+ * big-endian order when BIG, else little-endian, continuing from S[0], S[1]. */
+static void recover__wal_cksum(int big, const uint8_t *b, size_t n, uint32_t s[2])
+{
+    for (size_t i = 0; i + 8 <= n; i += 8) {
+        uint32_t x0, x1;
+        if (big) {
+            x0 = recover__be32(b + i);
+            x1 = recover__be32(b + i + 4);
+        } else {
+            x0 = (uint32_t)b[i] | (uint32_t)b[i + 1] << 8 | (uint32_t)b[i + 2] << 16 |
+                 (uint32_t)b[i + 3] << 24;
+            x1 = (uint32_t)b[i + 4] | (uint32_t)b[i + 5] << 8 | (uint32_t)b[i + 6] << 16 |
+                 (uint32_t)b[i + 7] << 24;
+        }
+        s[0] += x0 + s[1];
+        s[1] += x1 + s[0];
+    }
+}
+
+/* From the -shm file a stopped process left (SHM), read as SQLite's wal-index header: the
+ * index of the last committed frame and the WAL's salts. Returns 1 if the header is whole (its
+ * two copies agree and its checksum holds), else 0 (no information). */
+static int recover__shm_header(const char *shm, uint32_t *mx_frame, uint8_t salt[8])
+{
+    uint8_t h[96];
+    FILE *fp = fopen(shm, "rbe");
+    if (!fp)
+        return 0;
+    size_t got = fread(h, 1, sizeof(h), fp);
+    fclose(fp);
+    if (got != sizeof(h) || memcmp(h, h + 48, 48) != 0)
+        return 0;
+    uint32_t w[12];
+    memcpy(w, h, sizeof(w)); /* the machine's byte order: the -shm never leaves it */
+    /* iVersion 3007000, isInit (byte 12) set */
+    if (w[0] != 3007000 || h[12] != 1)
+        return 0;
+    uint32_t s[2] = {0, 0};
+    for (int i = 0; i < 10; i += 2) {
+        s[0] += w[i] + s[1];
+        s[1] += w[i + 1] + s[0];
+    }
+    if (s[0] != w[10] || s[1] != w[11])
+        return 0;
+    *mx_frame = w[4];
+    memcpy(salt, h + 32, 8);
+    return 1;
+}
+
+/* Is the WAL at WAL whole, as the -shm header at SHM (may be NULL) says it was when the process
+ * stopped? Only for a stop in this boot (the page cache survived: a power cut can legitimately
+ * leave less, and SQLite then recovers the valid frames). Returns 1 with WHY filled when the WAL
+ * lost committed frames: its header is garbage, or it holds fewer valid frames (SQLite's rules:
+ * salts and a checksum chain) than were committed. */
+static int recover__wal_damaged(const char *wal, const char *shm, char *why, size_t whylen)
+{
+    uint8_t hdr[32];
+    uint32_t mx = 0;
+    uint8_t salt[8];
+    int have_shm = shm && recover__shm_header(shm, &mx, salt);
+    FILE *fp = fopen(wal, "rbe");
+    if (!fp)
+        return 0;
+    int damaged = 0;
+    size_t got = fread(hdr, 1, sizeof(hdr), fp);
+    static const uint8_t zero[32];
+    if (got < sizeof(hdr) || memcmp(hdr, zero, sizeof(hdr)) == 0) {
+        /* no header: an empty WAL (or its reserved room), unless frames were committed */
+        if (have_shm && mx > 0) {
+            snprintf(why, whylen, "WAL damaged: it holds none of the %u frames committed", mx);
+            damaged = 1;
+        }
+        goto out;
+    }
+    uint32_t magic = recover__be32(hdr), psize = recover__be32(hdr + 8);
+    int big = magic & 1;
+    uint32_t ck[2] = {0, 0};
+    recover__wal_cksum(big, hdr, 24, ck);
+    if ((magic & ~1u) != 0x377f0682u || recover__be32(hdr + 4) != 3007000 || psize < 512 ||
+        psize > 65536 || (psize & (psize - 1)) || ck[0] != recover__be32(hdr + 24) ||
+        ck[1] != recover__be32(hdr + 28)) {
+        snprintf(why, whylen, "WAL damaged: its header is not a WAL header");
+        damaged = 1;
+        goto out;
+    }
+    if (!have_shm || mx == 0)
+        goto out;
+    if (memcmp(hdr + 16, salt, 8) != 0) {
+        snprintf(why, whylen, "WAL damaged: it is not the WAL of the %u frames committed", mx);
+        damaged = 1;
+        goto out;
+    }
+    uint8_t *fr = malloc(24 + (size_t)psize);
+    if (!fr)
+        goto out;
+    uint32_t last_commit = 0;
+    for (uint32_t i = 1; i <= mx; i++) {
+        if (fread(fr, 1, 24 + (size_t)psize, fp) != 24 + (size_t)psize)
+            break;
+        if (recover__be32(fr) == 0 || memcmp(fr + 8, hdr + 16, 8) != 0)
+            break;
+        recover__wal_cksum(big, fr, 8, ck);
+        recover__wal_cksum(big, fr + 24, psize, ck);
+        if (ck[0] != recover__be32(fr + 16) || ck[1] != recover__be32(fr + 20))
+            break;
+        if (recover__be32(fr + 4) != 0)
+            last_commit = i;
+    }
+    free(fr);
+    if (last_commit < mx) {
+        snprintf(why, whylen, "WAL damaged: it holds %u of the %u frames committed", last_commit,
+                 mx);
+        damaged = 1;
+    }
+out:
+    fclose(fp);
+    return damaged;
+}
+
+/* The spool's "open" mark (meta open_boot, see agent_spool_boot_mark()) as the database file at
+ * PATH holds it (read through SQLite with immutable=1: nothing is written or created beside
+ * it). 0: closed cleanly, from before the mark existed, or unreadable. */
+static int64_t recover__open_mark(const char *path)
+{
+    char uri[PATH_MAX * 3 + 32];
+    sqlite3 *db = NULL;
+    sqlite3_stmt *st = NULL;
+    int64_t v = 0;
+    if (recover__uri(uri, sizeof(uri), path, "immutable=1") != 0)
+        return 0;
+    if (sqlite3_open_v2(uri, &db, SQLITE_OPEN_READONLY | SQLITE_OPEN_URI | SQLITE_OPEN_NOMUTEX,
+                        NULL) == SQLITE_OK &&
+        sqlite3_prepare_v2(db, "SELECT value FROM meta WHERE key = 'open_boot'", -1, &st,
+                           NULL) == SQLITE_OK &&
+        sqlite3_step(st) == SQLITE_ROW && sqlite3_column_type(st, 0) == SQLITE_INTEGER)
+        v = sqlite3_column_int64(st, 0);
+    sqlite3_finalize(st);
+    sqlite3_close(db);
+    return v;
+}
+
+/* After an unclean stop, did the WAL lose commits? Either it is gone (the mark is in the file,
+ * which the agent puts there only after the WAL's name was synced), or, for a stop in this boot,
+ * it is shorter or other than the -shm says (recover__wal_damaged()). A stop in an earlier boot
+ * may be a power cut, whose loss SQLite's own recovery handles. Returns 1 with WHY filled. */
+static int recover__wal_lost(const char *path, const struct recover_names *nm, int has_wal,
+                             int has_shm, char *why, size_t whylen)
+{
+    int64_t mark = recover__open_mark(path);
+    if (mark <= 0)
+        return 0;
+    if (!has_wal) {
+        snprintf(why, whylen,
+                 "WAL deleted: the spool was not closed cleanly and its -wal file is gone; records"
+                 " committed since the last checkpoint are lost");
+        return 1;
+    }
+    int64_t now = agent_spool_boot_mark();
+    if (mark == 1 || mark != now)
+        return 0;
+    return recover__wal_damaged(nm->wal, has_shm ? nm->shm : NULL, why, whylen);
+}
+
 /* What could be read of a corrupt spool. */
 struct recover_info {
     struct agent_spool_salvage sv;
@@ -525,7 +696,7 @@ static int recover__quarantine(const struct agent_spool_opts *o, struct recover_
                            : "; the epoch and the lost seq range are unknown (unreadable)";
     }
     snprintf(detail, sizeof(detail), "%s: %s; moved to %s%s%s", nm->base, why, nm->q, note,
-             wal_lost ? "; only what was checkpointed is counted: the records in the deleted WAL "
+             wal_lost ? "; only what was checkpointed is counted: the records in the lost WAL "
                         "are not"
                       : "");
 
@@ -694,6 +865,10 @@ int agent_spool_open_checked(const struct agent_spool_opts *o, struct agent_spoo
         /* SQLite would open the file alone, without a word, as if those commits never were. */
         snprintf(why, sizeof(why),
                  "WAL deleted: records committed since the last checkpoint are lost");
+        corrupt = 1;
+        wal_lost = 1;
+    } else if (recover__wal_lost(real, nm, has_wal, has_shm, why, sizeof(why))) {
+        /* As above: SQLite would go on without the lost commits, and hand their seqs out again. */
         corrupt = 1;
         wal_lost = 1;
     } else {

@@ -598,6 +598,79 @@ static void test_deleted_wal(void **state)
     free(bytes);
 }
 
+/* The files of a spool whose process stopped without closing it, in this boot (the copies of
+ * running_spool()): with DAMAGE applied to the WAL copy (NULL: none; "gone" with the -shm too,
+ * "cut" short, "header" garbage), open_checked either keeps the spool (DAMAGE NULL: the WAL's
+ * commits are there) or quarantines it, counting what the database file holds. */
+static void unclean_stop(const struct fx *f, const char *damage)
+{
+    char src[192], srcwal[192], srcshm[192], wal[192], shm[192];
+    fx_file(f, "src.db", src, sizeof(src));
+    fx_file(f, "src.db-wal", srcwal, sizeof(srcwal));
+    fx_file(f, "src.db-shm", srcshm, sizeof(srcshm));
+    fx_file(f, "spool.db-wal", wal, sizeof(wal));
+    fx_file(f, "spool.db-shm", shm, sizeof(shm));
+    struct old ckpt;
+    struct agent_spool *s = running_spool(f, src, &ckpt);
+    copy_file(src, f->path);
+    if (!damage || strcmp(damage, "gone") != 0) {
+        copy_file(srcwal, wal);
+        copy_file(srcshm, shm);
+    }
+    agent_spool_close(s);
+    if (damage && strcmp(damage, "cut") == 0) {
+        /* the header and one frame of the ten commits' frames */
+        assert_int_equal(truncate(wal, 32 + 1024 + 24), 0);
+    } else if (damage && strcmp(damage, "header") == 0) {
+        xor_bytes(wal, 4, 8);
+    }
+    size_t len = 0;
+    uint8_t *bytes = slurp(f->path, &len);
+    struct agent_spool_opts o = opts_for(f->path);
+    if (!damage) {
+        struct agent_spool *k = NULL;
+        int recovered = -1;
+        char err[512] = "";
+        assert_int_equal(agent_spool_open_checked(&o, &k, &recovered, err, sizeof(err)), 0);
+        assert_int_equal(recovered, 0);
+        assert_int_equal(agent_spool_epoch(k), ckpt.epoch);
+        assert_int_equal(sp_next_seq(k), 71); /* the WAL's commits are there */
+        agent_spool_close(k);
+        free(bytes);
+        return;
+    }
+    struct expect e = {.epoch = ckpt.epoch,
+                       .first = ckpt.first,
+                       .last = ckpt.last,
+                       .count = ckpt.last - ckpt.first + 1,
+                       .why = strcmp(damage, "gone") == 0 ? "not closed cleanly"
+                              : strcmp(damage, "cut") == 0 ? "frames committed"
+                                                           : "not a WAL header"};
+    expect_recovered(f, ckpt.epoch, bytes, len, &e);
+    free(bytes);
+}
+
+static void test_unclean_stop_wal_intact(void **state)
+{
+    unclean_stop(*state, NULL);
+}
+
+/* Without its -shm too, the WAL's loss shows only in the mark the file holds. */
+static void test_unclean_stop_wal_and_shm_gone(void **state)
+{
+    unclean_stop(*state, "gone");
+}
+
+static void test_unclean_stop_wal_cut(void **state)
+{
+    unclean_stop(*state, "cut");
+}
+
+static void test_unclean_stop_wal_header_garbage(void **state)
+{
+    unclean_stop(*state, "header");
+}
+
 /* A crash after the link and the move of the WAL, before the new spool was renamed into place:
  * the next start finishes the job (and counts the records in the moved WAL). */
 static void test_interrupted_quarantine_resumes(void **state)
@@ -797,6 +870,12 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_zero_byte_beside_wal, fx_setup, fx_teardown),
         cmocka_unit_test_setup_teardown(test_zero_byte_alone, fx_setup, fx_teardown),
         cmocka_unit_test_setup_teardown(test_deleted_wal, fx_setup, fx_teardown),
+        cmocka_unit_test_setup_teardown(test_unclean_stop_wal_intact, fx_setup, fx_teardown),
+        cmocka_unit_test_setup_teardown(test_unclean_stop_wal_and_shm_gone, fx_setup,
+                                        fx_teardown),
+        cmocka_unit_test_setup_teardown(test_unclean_stop_wal_cut, fx_setup, fx_teardown),
+        cmocka_unit_test_setup_teardown(test_unclean_stop_wal_header_garbage, fx_setup,
+                                        fx_teardown),
         cmocka_unit_test_setup_teardown(test_interrupted_quarantine_resumes, fx_setup, fx_teardown),
         cmocka_unit_test_setup_teardown(test_two_quarantines_keep_both, fx_setup, fx_teardown),
         cmocka_unit_test_setup_teardown(test_symlinked_spool, fx_setup, fx_teardown),
