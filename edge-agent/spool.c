@@ -828,6 +828,18 @@ static int spool__ledger_put(struct agent_spool *s, const char *reason, uint64_t
                 return rc;
         }
     }
+    /* The detail is words from the receiver or from SQLite, and SQLite's words about a
+     * corrupt file can quote its garbage: keep printable ASCII only, so the row stays valid
+     * text for every reader and a valid protobuf string on the wire. */
+    char clean[1024];
+    if (detail) {
+        size_t i = 0;
+        for (; detail[i] && i < sizeof(clean) - 1; i++)
+            clean[i] = (unsigned char)detail[i] >= 0x20 && (unsigned char)detail[i] < 0x7f
+                           ? detail[i] : '?';
+        clean[i] = '\0';
+        detail = clean;
+    }
     sqlite3_stmt *li = s->st[ST_LEDGER_INSERT];
     sqlite3_bind_text(li, 1, reason, -1, SQLITE_STATIC);
     sqlite3_bind_int64(li, 2, (sqlite3_int64)epoch);

@@ -456,6 +456,21 @@ static void test_ack_deletes(void **state)
     agent_spool_close(s);
 }
 
+/* A detail quoting bytes of a corrupt file (SQLite's words do) is stored as printable ASCII:
+ * every reader takes the row as text, and the wire as a protobuf string. */
+static void test_ledger_detail_printable(void **state)
+{
+    struct fx *f = *state;
+    struct agent_spool *s = sp_open(f->path);
+    commit_n(s, 2, CIS_PRIO_NORMAL); /* 1..2 */
+    uint64_t one = 1;
+    assert_int_equal(agent_spool_reject(s, &one, 1, "bad \xff\xfe\x01 schema\n"), 0);
+    sqlite3 *db = ext_open(f->path);
+    assert_int_equal(ext_int(db, "SELECT count(*) FROM ledger WHERE detail='bad ??? schema?'"), 1);
+    sqlite3_close(db);
+    agent_spool_close(s);
+}
+
 static void test_reject_and_ledger(void **state)
 {
     struct fx *f = *state;
@@ -2094,6 +2109,7 @@ int main(void)
         T(test_inflight_pending_after_reopen),
         T(test_ack_deletes),
         T(test_reject_and_ledger),
+        T(test_ledger_detail_printable),
         T(test_stats),
         T(test_decode_claimed_segment),
         T(test_commit_failure_rolls_back),
