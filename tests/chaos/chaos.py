@@ -412,31 +412,11 @@ def server_cert_for_ip(h, ip, name="server-ns"):
 # ---------------------------------------------------------------------------------------
 # Memory (scenario 9): valgrind and RSS
 
-VALGRIND_ARGS = ["--leak-check=full", "--errors-for-leak-kinds=definite", "--error-exitcode=99",
-                 "--num-callers=30"]
-
-
-def sanitized(path):
-    """Built with -fsanitize=address (or leak)? Such binaries import __asan_init/__lsan_init
-    (valgrind cannot run them; LeakSanitizer checks at exit instead)."""
-    with open(path, "rb") as f:
-        data = f.read()
-    return b"__asan_init" in data or b"__lsan_init" in data
-
-
-def valgrind_report(proc):
-    """(errors, definitely lost bytes, the first error or definite-leak records) from the
-    valgrind output in PROC's log."""
-    text = proc.log_text()
-    errs = re.findall(r"ERROR SUMMARY: (\d+) errors", text)
-    lost = re.findall(r"definitely lost: ([\d,]+) bytes", text)
-    records = []
-    lines = text.splitlines()
-    for i, l in enumerate(lines):
-        if "are definitely lost" in l or re.search(r"==\d+== (Invalid|Conditional|Use of)", l):
-            records.append("\n".join(lines[i:i + 30]))
-    return (int(errs[-1]) if errs else None,
-            int(lost[-1].replace(",", "")) if lost else 0, records[:3])
+# The leak tests' valgrind arguments and report parser live in the harness (test_mg uses them
+# too).
+VALGRIND_ARGS = ch.VALGRIND_ARGS
+sanitized = ch.sanitized
+valgrind_report = ch.valgrind_report
 
 
 def rss_kib(pid):

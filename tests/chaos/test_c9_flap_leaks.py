@@ -199,7 +199,7 @@ def run_variant(h, uplink, flaps, ref_flap, rate, rnd, asan):
     if code != 0 or not (asan or (errors == 0 and lost == 0)):
         failures.append("%s: agent exit %s, valgrind ERROR SUMMARY %s errors, definitely lost "
                         "%s bytes (log %s):\n%s" % (uplink.name, code, errors, lost,
-                                                    agent.proc.log_path, "\n".join(records)))
+                                                    agent.proc.log_path, "\n".join(records[:3])))
     # (ASan's quarantine of freed memory grows for hundreds of MiB: no RSS bound there)
     if chaos.FULL and not asan and growth > RSS_MARGIN:
         failures.append("%s: the agent's RssAnon grew by %.1f%% from flap %d to flap %d (at "

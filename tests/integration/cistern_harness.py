@@ -983,6 +983,34 @@ MOSQUITTO_PUB = shutil.which("mosquitto_pub") or "/usr/bin/mosquitto_pub"
 MOSQUITTO_SUB = shutil.which("mosquitto_sub") or "/usr/bin/mosquitto_sub"
 
 
+# -- valgrind and sanitizers, for the leak tests ------------------------------------------
+VALGRIND_ARGS = ["--leak-check=full", "--errors-for-leak-kinds=definite",
+                 "--error-exitcode=99", "--num-callers=30"]
+
+
+def sanitized(path):
+    """Built with -fsanitize=address (or leak)? Such binaries import __asan_init/__lsan_init
+    (valgrind cannot run them; LeakSanitizer checks at exit instead)."""
+    with open(path, "rb") as f:
+        data = f.read()
+    return b"__asan_init" in data or b"__lsan_init" in data
+
+
+def valgrind_report(proc):
+    """(errors, definitely lost bytes, the error and definite-leak records) from the valgrind
+    output in PROC's log."""
+    text = proc.log_text()
+    errs = re.findall(r"ERROR SUMMARY: (\d+) errors", text)
+    lost = re.findall(r"definitely lost: ([\d,]+) bytes", text)
+    records = []
+    lines = text.splitlines()
+    for i, l in enumerate(lines):
+        if "are definitely lost" in l or re.search(r"==\d+== (Invalid|Conditional|Use of)", l):
+            records.append("\n".join(lines[i:i + 30]))
+    return (int(errs[-1]) if errs else None,
+            int(lost[-1].replace(",", "")) if lost else 0, records)
+
+
 def mosquitto_missing():
     """None when the broker and its clients are installed, else what is missing."""
     missing = [p for p in (MOSQUITTO_BIN, MOSQUITTO_PUB, MOSQUITTO_SUB)

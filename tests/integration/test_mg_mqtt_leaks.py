@@ -32,35 +32,10 @@ import cistern_harness as ch
 AGENT_ID = "gw-mqtt-leaks"
 RESTARTS = int(os.environ.get("CISTERN_MQTT_RESTARTS", "50"))
 STABLE_S = 2.5
-VALGRIND_ARGS = ["--leak-check=full", "--errors-for-leak-kinds=definite",
-                 "--error-exitcode=99", "--num-callers=30"]
-
-
-def sanitized(path):
-    """Built with -fsanitize=address (or leak)? Such binaries import __asan_init/__lsan_init."""
-    with open(path, "rb") as f:
-        data = f.read()
-    return b"__asan_init" in data or b"__lsan_init" in data
-
-
-def valgrind_report(proc):
-    """(errors, definitely lost bytes, the definite-leak records) from the proc's log."""
-    text = proc.log_text()
-    errs = re.findall(r"ERROR SUMMARY: (\d+) errors", text)
-    lost = re.findall(r"definitely lost: ([\d,]+) bytes", text)
-    records = []
-    lines = text.splitlines()
-    for i, l in enumerate(lines):
-        if "are definitely lost" in l or re.search(r"==\d+== (Invalid|Conditional|Use of)", l):
-            records.append("\n".join(lines[i:i + 30]))
-    return (int(errs[-1]) if errs else None,
-            int(lost[-1].replace(",", "")) if lost else 0, records)
-
-
 def main(h):
     missing = ch.mosquitto_missing()
     ch.check(missing is None, "not installed: %s (scripts/deps.sh installs them)" % missing)
-    asan = sanitized(h.agent_bin) or sanitized(h.receiver_bin)
+    asan = ch.sanitized(h.agent_bin) or ch.sanitized(h.receiver_bin)
     if asan:
         wrapper = []
         ch.log("sanitizer build: no valgrind; LeakSanitizer checks at exit")
@@ -69,7 +44,7 @@ def main(h):
         if not vg:
             ch.log("SKIP: valgrind is not installed (apt-get install valgrind)")
             sys.exit(77)
-        wrapper = [vg] + VALGRIND_ARGS
+        wrapper = [vg] + ch.VALGRIND_ARGS
     broker = h.mosquitto().start()
     recv = h.receiver(mqtt=broker, wrapper=wrapper).start(wait=False)
     recv.wait_ready(timeout=120)
@@ -127,7 +102,7 @@ def main(h):
                 failures.append("%s exited %s (LeakSanitizer/ASan report in %s)"
                                 % (name, codes[name], p.log_path))
             continue
-        errors, lost, records = valgrind_report(p)
+        errors, lost, records = ch.valgrind_report(p)
         ch.log("%s: exit %s, valgrind errors %s, definitely lost %d bytes"
                % (name, codes[name], errors, lost))
         if codes[name] != 0 or errors != 0 or lost != 0:
