@@ -39,9 +39,11 @@ struct conn {
     char *line;
     size_t line_len;
     int discarding; /* the current line is over max_line: skip to its end */
-    /* answers owed, in order; answers[0] has absolute index base */
+    /* answers owed, in order: answers[head..nanswers) are still owed; answers[0] has absolute
+     * index base. The head moves forward as answers go out; the array is compacted only when
+     * it is full, so answering n records costs O(n), not O(n^2). */
     struct answer *answers;
-    size_t nanswers, cap;
+    size_t head, nanswers, cap;
     uint64_t base;
     size_t pending; /* answers still waiting for a commit */
     /* bytes to write */
@@ -79,27 +81,48 @@ static int out_append(struct conn *c, const char *s, size_t n)
     return 0;
 }
 
+/* Format "OK <seq>\n" without printf: this runs once per record. */
+static size_t format_ok(char *buf, uint64_t seq)
+{
+    char digits[20];
+    size_t n = 0, len = 3;
+    do {
+        digits[n++] = (char)('0' + seq % 10);
+        seq /= 10;
+    } while (seq);
+    memcpy(buf, "OK ", 3);
+    while (n)
+        buf[len++] = digits[--n];
+    buf[len++] = '\n';
+    return len;
+}
+
 /* Move answers that are ready, from the head of the queue, into the output buffer. Answers
  * behind a pending one wait: sources see answers in the order they sent lines. */
 static void conn_flush_answers(struct conn *c)
 {
-    size_t i = 0;
     char buf[160];
-    for (; i < c->nanswers && c->answers[i].state != ANS_PENDING; i++) {
-        int n = c->answers[i].state == ANS_OK
-                    ? snprintf(buf, sizeof(buf), "OK %llu\n", (unsigned long long)c->answers[i].seq)
-                    : snprintf(buf, sizeof(buf), "ERR %s\n", c->answers[i].err);
-        out_append(c, buf, (size_t)n);
+    for (; c->head < c->nanswers && c->answers[c->head].state != ANS_PENDING; c->head++) {
+        const struct answer *a = &c->answers[c->head];
+        size_t n = a->state == ANS_OK ? format_ok(buf, a->seq)
+                                      : (size_t)snprintf(buf, sizeof(buf), "ERR %s\n", a->err);
+        out_append(c, buf, n);
     }
-    if (i) {
-        memmove(c->answers, c->answers + i, (c->nanswers - i) * sizeof(*c->answers));
-        c->nanswers -= i;
-        c->base += i;
+    if (c->head == c->nanswers) {
+        c->base += c->nanswers;
+        c->head = c->nanswers = 0;
     }
 }
 
 static int conn_add_answer(struct conn *c, uint8_t state, const char *err, uint64_t *index)
 {
+    if (c->nanswers == c->cap && c->head > 0) {
+        /* Compact: drop the answers already sent. */
+        memmove(c->answers, c->answers + c->head, (c->nanswers - c->head) * sizeof(*c->answers));
+        c->nanswers -= c->head;
+        c->base += c->head;
+        c->head = 0;
+    }
     if (c->nanswers == c->cap) {
         size_t cap = c->cap ? c->cap * 2 : 64;
         struct answer *p = realloc(c->answers, cap * sizeof(*p));
