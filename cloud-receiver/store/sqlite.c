@@ -71,6 +71,11 @@ static const char upgrade_v2_sql[] =
 static const char ins_record_sql[] =
     "INSERT OR IGNORE INTO records(agent_id, epoch, seq, ts_ms, stream, content_type, payload,"
     " received_ms) VALUES(?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)";
+/* Records go in INSERT_ROWS to a statement: one statement per row spends more time starting
+ * and halting the statement than inserting (bench/RESULTS.md, B2). The tail of a batch uses
+ * the one-row statement. */
+#define INSERT_ROWS 50
+#define INSERT_COLS 8
 static const char upsert_agent_sql[] =
     "INSERT INTO agents(id, first_seen_ms, last_seen_ms, spool_depth, oldest_pending_ms, records,"
     " replayed_batches) VALUES(?1, ?2, ?2, ?3, ?4, ?5, ?6) ON CONFLICT(id) DO UPDATE SET"
@@ -138,7 +143,7 @@ struct recv_store {
     pthread_mutex_t wlock; /* guards wdb and its statements */
     pthread_mutex_t rlock; /* guards rdb and its statements */
     sqlite3 *wdb, *rdb;
-    sqlite3_stmt *ins_record, *upsert_agent, *ins_loss;
+    sqlite3_stmt *ins_record, *ins_records, *upsert_agent, *ins_loss;
     sqlite3_stmt *dev_add, *dev_replace, *dev_set_enabled; /* on wdb */
     sqlite3_stmt *list_agents, *agent_exists, *records_all, *records_epoch;
     sqlite3_stmt *losses, *gap_epochs, *gap_stats, *gap_holes, *gap_ledger;
@@ -204,11 +209,32 @@ static int prep(sqlite3 *db, const char *sql, sqlite3_stmt **st, char *err, size
     return 0;
 }
 
+/* ins_record_sql with INSERT_ROWS rows of values. */
+static int prep_ins_records(sqlite3 *db, sqlite3_stmt **st, char *err, size_t errlen)
+{
+    const char *values = strstr(ins_record_sql, " VALUES(");
+    size_t head = (size_t)(values - ins_record_sql) + strlen(" VALUES");
+    char sql[sizeof(ins_record_sql) + INSERT_ROWS * 48];
+    size_t len = head;
+    int rc;
+
+    memcpy(sql, ins_record_sql, head);
+    for (int i = 0; i < INSERT_ROWS; i++) {
+        int b = i * INSERT_COLS;
+        len += (size_t)snprintf(sql + len, sizeof(sql) - len, "%s(?%d,?%d,?%d,?%d,?%d,?%d,?%d,?%d)",
+                                i ? "," : "", b + 1, b + 2, b + 3, b + 4, b + 5, b + 6, b + 7,
+                                b + 8);
+    }
+    rc = prep(db, sql, st, err, errlen);
+    return rc;
+}
+
 static void sqlite_close(struct recv_store *s)
 {
     if (s == NULL)
         return;
     sqlite3_finalize(s->ins_record);
+    sqlite3_finalize(s->ins_records);
     sqlite3_finalize(s->upsert_agent);
     sqlite3_finalize(s->ins_loss);
     sqlite3_finalize(s->list_agents);
@@ -411,6 +437,7 @@ static int sqlite_open(const struct recv_store_opts *o, struct recv_store **out,
     if (rc)
         goto out;
     if ((rc = prep(s->wdb, ins_record_sql, &s->ins_record, err, errlen)) ||
+        (rc = prep_ins_records(s->wdb, &s->ins_records, err, errlen)) ||
         (rc = prep(s->wdb, upsert_agent_sql, &s->upsert_agent, err, errlen)) ||
         (rc = prep(s->wdb, ins_loss_sql, &s->ins_loss, err, errlen)) ||
         (rc = prep(s->rdb, list_agents_sql, &s->list_agents, err, errlen)) ||
@@ -435,13 +462,33 @@ out:
     return rc;
 }
 
-/* Step a write statement to completion; reset it either way. */
+/* Step a write statement to completion; reset it either way. Every statement binds all its
+ * parameters before each step, so bindings need no clearing. */
 static int step_done(sqlite3_stmt *st)
 {
     int rc = sqlite3_step(st);
     sqlite3_reset(st);
-    sqlite3_clear_bindings(st);
     return rc == SQLITE_DONE ? SQLITE_OK : rc;
+}
+
+/* Bind one record to the 8 parameters after `base` of an insert into records. */
+static void bind_record(sqlite3_stmt *st, int base, const char *agent, sqlite3_int64 epoch,
+                        const Cistern__V1__Record *r, int64_t now_ms)
+{
+    sqlite3_bind_text(st, base + 1, agent, -1, SQLITE_STATIC);
+    sqlite3_bind_int64(st, base + 2, epoch);
+    sqlite3_bind_int64(st, base + 3, (sqlite3_int64)r->seq);
+    sqlite3_bind_int64(st, base + 4, r->ts_ms);
+    sqlite3_bind_text(st, base + 5, r->stream ? r->stream : "", -1, SQLITE_STATIC);
+    if (r->content_type != NULL && r->content_type[0] != '\0')
+        sqlite3_bind_text(st, base + 6, r->content_type, -1, SQLITE_STATIC);
+    else
+        sqlite3_bind_null(st, base + 6);
+    /* zeroblob-safe: a NULL data pointer with length 0 would bind NULL, which the NOT NULL
+     * column rejects. */
+    sqlite3_bind_blob(st, base + 7, r->payload.len ? (const void *)r->payload.data : "",
+                      (int)r->payload.len, SQLITE_STATIC);
+    sqlite3_bind_int64(st, base + 8, now_ms);
 }
 
 static int sqlite_put_batch(struct recv_store *s, const struct cis_decoded_batch *b,
@@ -462,33 +509,29 @@ static int sqlite_put_batch(struct recv_store *s, const struct cis_decoded_batch
         goto out;
     in_tx = 1;
 
-    for (size_t i = 0; i < b->nsegs; i++) {
-        const Cistern__V1__SegmentBody *body = b->segs[i].body;
-        for (size_t j = 0; j < body->n_records; j++) {
-            const Cistern__V1__Record *r = body->records[j];
-            sqlite3_stmt *st = s->ins_record;
-            sqlite3_bind_text(st, 1, agent, -1, SQLITE_STATIC);
-            sqlite3_bind_int64(st, 2, epoch);
-            sqlite3_bind_int64(st, 3, (sqlite3_int64)r->seq);
-            sqlite3_bind_int64(st, 4, r->ts_ms);
-            sqlite3_bind_text(st, 5, r->stream ? r->stream : "", -1, SQLITE_STATIC);
-            if (r->content_type != NULL && r->content_type[0] != '\0')
-                sqlite3_bind_text(st, 6, r->content_type, -1, SQLITE_STATIC);
-            else
-                sqlite3_bind_null(st, 6);
-            /* zeroblob-safe: a NULL data pointer with length 0 would bind NULL, which the
-             * NOT NULL column rejects. */
-            sqlite3_bind_blob(st, 7, r->payload.len ? (const void *)r->payload.data : "",
-                              (int)r->payload.len, SQLITE_STATIC);
-            sqlite3_bind_int64(st, 8, now_ms);
-            rc = step_done(st);
-            if (rc != SQLITE_OK)
-                goto out;
-            if (sqlite3_changes(s->wdb) == 1)
-                accepted++;
-            else
-                duplicates++;
+    {
+        /* Rows go INSERT_ROWS to a statement while that many remain, then one at a time. */
+        size_t total = 0, done = 0, row = 0;
+        sqlite3_stmt *st = NULL;
+        for (size_t i = 0; i < b->nsegs; i++)
+            total += b->segs[i].body->n_records;
+        for (size_t i = 0; i < b->nsegs; i++) {
+            const Cistern__V1__SegmentBody *body = b->segs[i].body;
+            for (size_t j = 0; j < body->n_records; j++) {
+                if (row == 0)
+                    st = total - done >= INSERT_ROWS ? s->ins_records : s->ins_record;
+                bind_record(st, row * INSERT_COLS, agent, epoch, body->records[j], now_ms);
+                done++;
+                if (++row == (st == s->ins_records ? INSERT_ROWS : 1)) {
+                    rc = step_done(st);
+                    if (rc != SQLITE_OK)
+                        goto out;
+                    accepted += (uint64_t)sqlite3_changes(s->wdb);
+                    row = 0;
+                }
+            }
         }
+        duplicates = total - accepted;
     }
 
     sqlite3_bind_text(s->upsert_agent, 1, agent, -1, SQLITE_STATIC);
