@@ -419,6 +419,15 @@ static void test_ecdsa_roundtrip(void **state)
         assert_string_equal(cis_signer_describe(s), desc);
         assert_int_equal(cis_signer_wrap(s, "gw-1", batch, sizeof(batch), &env, &env_len), 0);
         assert_true(env_len > sizeof(batch));
+        {
+            /* RFC 6979: the same batch signs to the same bytes (no nonce to leak). */
+            uint8_t *again = NULL;
+            size_t again_len = 0;
+            assert_int_equal(cis_signer_wrap(s, "gw-1", batch, sizeof(batch), &again, &again_len), 0);
+            assert_int_equal(again_len, env_len);
+            assert_memory_equal(again, env, env_len);
+            free(again);
+        }
         cis_signer_free(s);
 
         assert_int_equal(cis_envelope_decode(env, env_len, &e, why, sizeof(why)), 0);
