@@ -14,6 +14,7 @@
 #include <unistd.h>
 
 #include <gnutls/abstract.h>
+#include <gnutls/crypto.h>
 #include <gnutls/gnutls.h>
 #include <mbedtls/constant_time.h>
 #include <mbedtls/ctr_drbg.h>
@@ -421,7 +422,17 @@ void cis_hmac_key_id(const uint8_t *secret, size_t len, uint8_t out[CIS_HMAC_KEY
 static void sign__digest(const char *agent_id, const uint8_t *batch, size_t len, uint8_t out[32])
 {
     mbedtls_sha256_context c;
+    gnutls_hash_hd_t h;
 
+    /* GnuTLS first: nettle uses the CPU's SHA instructions where there are some, several
+     * times mbedTLS's speed on a whole batch. mbedTLS if it cannot allocate. */
+    if (gnutls_hash_init(&h, GNUTLS_DIG_SHA256) >= 0) {
+        gnutls_hash(h, sign_label, sizeof(sign_label));
+        gnutls_hash(h, agent_id, strlen(agent_id) + 1);
+        gnutls_hash(h, batch, len);
+        gnutls_hash_deinit(h, out);
+        return;
+    }
     mbedtls_sha256_init(&c);
     (void)mbedtls_sha256_starts_ret(&c, 0);
     (void)mbedtls_sha256_update_ret(&c, (const uint8_t *)sign_label, sizeof(sign_label));
@@ -436,8 +447,17 @@ static int sign__hmac(const uint8_t *secret, size_t slen, const char *agent_id,
                       const uint8_t *batch, size_t len, uint8_t out[SIGN_HMAC_LEN])
 {
     mbedtls_md_context_t c;
+    gnutls_hmac_hd_t h;
     int rc;
 
+    /* GnuTLS first, as in sign__digest; gnutls_hmac_deinit wipes its state. */
+    if (gnutls_hmac_init(&h, GNUTLS_MAC_SHA256, secret, slen) >= 0) {
+        gnutls_hmac(h, sign_label, sizeof(sign_label));
+        gnutls_hmac(h, agent_id, strlen(agent_id) + 1);
+        gnutls_hmac(h, batch, len);
+        gnutls_hmac_deinit(h, out);
+        return 0;
+    }
     mbedtls_md_init(&c);
     rc = mbedtls_md_setup(&c, mbedtls_md_info_from_type(MBEDTLS_MD_SHA256), 1);
     if (rc == 0)
