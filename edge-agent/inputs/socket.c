@@ -18,6 +18,7 @@
 #include "cistern/log.h"
 
 #define READ_CHUNK 65536
+#define READS_PER_WAKE 8
 #define OUT_HIGH_WATER (1u << 20) /* stop reading a client that does not read its answers */
 
 enum answer_state { ANS_PENDING = 0, ANS_OK, ANS_ERR };
@@ -222,7 +223,8 @@ static void conn_line(struct conn *c, char *line, size_t len)
     c->pending++;
 }
 
-static void conn_read(struct conn *c)
+/* Read once; returns the bytes read, 0 at EOF or error or when nothing waits. */
+static ssize_t conn_read(struct conn *c)
 {
     size_t max = c->owner->in->cfg->max_line;
     char buf[READ_CHUNK];
@@ -231,10 +233,10 @@ static void conn_read(struct conn *c)
     if (n == 0 || (n < 0 && errno != EAGAIN && errno != EINTR)) {
         /* A partial last line without '\n' is not a record: the source never finished it. */
         c->eof = 1;
-        return;
+        return 0;
     }
     if (n < 0)
-        return;
+        return 0;
     for (char *p = buf, *end = buf + n; p < end;) {
         char *nl = memchr(p, '\n', (size_t)(end - p));
         size_t chunk = (size_t)((nl ? nl : end) - p);
@@ -251,7 +253,7 @@ static void conn_read(struct conn *c)
                     c->line = malloc(max + 1);
                     if (!c->line) {
                         c->eof = 1;
-                        return;
+                        return 0;
                     }
                 }
                 memcpy(c->line + c->line_len, p, chunk);
@@ -265,6 +267,7 @@ static void conn_read(struct conn *c)
         c->line_len = 0;
         p = nl + 1;
     }
+    return n;
 }
 
 static void conn_write(struct conn *c)
@@ -302,8 +305,14 @@ static void conn_sync_events(struct conn *c)
 static void on_conn(void *ctx, int fd, short revents)
 {
     struct conn *c = ctx;
-    if (!c->eof && (revents & (POLLIN | POLLHUP | POLLERR)))
-        conn_read(c);
+    /* A busy source gets several reads per wake-up (up to READS_PER_WAKE chunks), so the
+     * loop's per-turn work is spread over more records; a full queue stops it early. */
+    if (!c->eof && (revents & (POLLIN | POLLHUP | POLLERR))) {
+        for (int i = 0; i < READS_PER_WAKE; i++) {
+            if (conn_read(c) < READ_CHUNK || c->eof || agent_ingest_full(c->owner->in->agent))
+                break;
+        }
+    }
     if (c->out_off < c->out_len)
         conn_write(c);
     if (!conn_maybe_free(c))
