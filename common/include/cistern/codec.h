@@ -69,6 +69,7 @@ struct cis_decoded_batch {
     struct cis_decoded_segment *segs;
     size_t nsegs;
     size_t nrecords;
+    struct cis_arena *arena; /* holds pb and every body: freed whole by cis_batch_free */
 };
 
 /* 1 when C may appear in an agent id (A-Z a-z 0-9 . _ : @ -), the rule the decoder applies.
