@@ -18,15 +18,154 @@ static int fail(char *why, size_t whylen, int code, const char *msg)
     return code;
 }
 
-int cis_segment_encode(const struct cis_record *recs, size_t n, uint32_t priority, int level,
-                       struct cis_segment *seg, uint8_t **data, size_t *data_len)
-{
-    Cistern__V1__SegmentBody body = CISTERN__V1__SEGMENT_BODY__INIT;
-    Cistern__V1__Record *rv = NULL, **rp = NULL;
-    uint8_t *raw = NULL, *z = NULL;
-    size_t raw_len, zcap, zlen;
-    int rc = CIS_ENOMEM;
+/* ---- segment encoding ----
+ *
+ * A SegmentBody is written here directly rather than through protobuf-c's generic packer, which
+ * walks field descriptors and needs a Record struct (and a pointer to it) per record: at group
+ * commit rates that was a third of the spool's CPU. The bytes are the ones protobuf-c writes
+ * (tests/unit/test_spool.c compares them), which any protobuf decoder reads:
+ *   SegmentBody: per record, field 1 (length-delimited): tag 0x0a, varint length, the Record.
+ *   Record (proto3: a field at its default value is left out, fields in number order):
+ *     1 seq (0x08 varint), 2 ts_ms (0x10 varint; a negative int64 takes 10 bytes),
+ *     3 stream (0x1a), 4 content_type (0x22), 5 payload (0x2a): length-delimited. */
 
+struct cis_seg_encoder {
+    int level;
+    ZSTD_CCtx *cctx; /* reused: a new one per segment allocated and cleared ~1 MiB each time */
+    uint8_t *raw, *z; /* the serialized body, and the compressed frame */
+    size_t rawcap, zcap;
+};
+
+/* Bytes of V as a varint: 7 bits per byte, ceil(bits / 7) without a loop. */
+static size_t pb_varint_len(uint64_t v)
+{
+    unsigned bits = 64 - (unsigned)__builtin_clzll(v | 1);
+    return (bits * 9 + 64) / 64;
+}
+
+static uint8_t *pb_put_varint(uint8_t *p, uint64_t v)
+{
+    while (v >= 0x80) {
+        *p++ = (uint8_t)(v | 0x80);
+        v >>= 7;
+    }
+    *p++ = (uint8_t)v;
+    return p;
+}
+
+static uint8_t *pb_put_bytes(uint8_t *p, uint8_t tag, const void *b, size_t len)
+{
+    *p++ = tag;
+    p = pb_put_varint(p, len);
+    memcpy(p, b, len);
+    return p + len;
+}
+
+/* Grow *BUF (of *CAP bytes) to hold at least NEED. Returns 0 or CIS_ENOMEM (*BUF unchanged). */
+static int grow(uint8_t **buf, size_t *cap, size_t need)
+{
+    if (need <= *cap)
+        return CIS_OK;
+    size_t c = *cap ? *cap : 4096;
+    while (c < need)
+        c = c > SIZE_MAX / 2 ? need : c * 2;
+    uint8_t *p = realloc(*buf, c);
+    if (!p)
+        return CIS_ENOMEM;
+    *buf = p;
+    *cap = c;
+    return CIS_OK;
+}
+
+int cis_seg_encoder_create(int level, struct cis_seg_encoder **out)
+{
+    struct cis_seg_encoder *e = calloc(1, sizeof(*e));
+    *out = NULL;
+    if (!e)
+        return CIS_ENOMEM;
+    e->level = level;
+    e->cctx = ZSTD_createCCtx();
+    if (!e->cctx) {
+        free(e);
+        return CIS_ENOMEM;
+    }
+    *out = e;
+    return CIS_OK;
+}
+
+void cis_seg_encoder_destroy(struct cis_seg_encoder *e)
+{
+    if (!e)
+        return;
+    ZSTD_freeCCtx(e->cctx);
+    free(e->raw);
+    free(e->z);
+    free(e);
+}
+
+/* Serialize the SegmentBody of N records into E->raw; *LEN its size. */
+static int encode_body(struct cis_seg_encoder *e, const struct cis_record *recs, size_t n,
+                       size_t *len)
+{
+    /* Records of one source share their stream and content type strings: measure each string
+     * once per run of the same pointer. */
+    const char *last_stream = NULL, *last_ct = NULL;
+    size_t slen = 0, ctlen = 0, at = 0;
+    for (size_t i = 0; i < n; i++) {
+        const struct cis_record *r = &recs[i];
+        const char *st = r->stream ? r->stream : "";
+        const char *ct = r->content_type ? r->content_type : "";
+        if (st != last_stream) {
+            last_stream = st;
+            slen = strlen(st);
+        }
+        if (ct != last_ct) {
+            last_ct = ct;
+            ctlen = strlen(ct);
+        }
+        const uint64_t ts = (uint64_t)r->ts_ms;
+        size_t rl = 0;
+        if (r->seq)
+            rl += 1 + pb_varint_len(r->seq);
+        if (ts)
+            rl += 1 + pb_varint_len(ts);
+        if (slen)
+            rl += 1 + pb_varint_len(slen) + slen;
+        if (ctlen)
+            rl += 1 + pb_varint_len(ctlen) + ctlen;
+        if (r->payload_len)
+            rl += 1 + pb_varint_len(r->payload_len) + r->payload_len;
+        /* tag, length, record: the length takes at most 10 bytes */
+        if (rl > SIZE_MAX - 11 - at || grow(&e->raw, &e->rawcap, at + 11 + rl))
+            return CIS_ENOMEM;
+        uint8_t *p = e->raw + at;
+        *p++ = 0x0a;
+        p = pb_put_varint(p, rl);
+        if (r->seq) {
+            *p++ = 0x08;
+            p = pb_put_varint(p, r->seq);
+        }
+        if (ts) {
+            *p++ = 0x10;
+            p = pb_put_varint(p, ts);
+        }
+        if (slen)
+            p = pb_put_bytes(p, 0x1a, st, slen);
+        if (ctlen)
+            p = pb_put_bytes(p, 0x22, ct, ctlen);
+        if (r->payload_len)
+            p = pb_put_bytes(p, 0x2a, r->payload, r->payload_len);
+        at = (size_t)(p - e->raw);
+    }
+    *len = at;
+    return CIS_OK;
+}
+
+int cis_seg_encoder_encode(struct cis_seg_encoder *e, const struct cis_record *recs, size_t n,
+                           uint32_t priority, struct cis_segment *seg, uint8_t **data,
+                           size_t *data_len)
+{
+    size_t raw_len = 0;
     *data = NULL;
     *data_len = 0;
     if (n == 0 || n > UINT32_MAX)
@@ -34,31 +173,9 @@ int cis_segment_encode(const struct cis_record *recs, size_t n, uint32_t priorit
     for (size_t i = 1; i < n; i++)
         if (recs[i].seq != recs[0].seq + i)
             return CIS_EINVAL;
-
-    rv = calloc(n, sizeof(*rv));
-    rp = calloc(n, sizeof(*rp));
-    if (!rv || !rp)
-        goto out;
-    for (size_t i = 0; i < n; i++) {
-        Cistern__V1__Record r = CISTERN__V1__RECORD__INIT;
-        r.seq = recs[i].seq;
-        r.ts_ms = recs[i].ts_ms;
-        /* protobuf-c's structs are not const-correct; packing only reads these. */
-        r.stream = (char *)(recs[i].stream ? recs[i].stream : "");
-        r.content_type = (char *)(recs[i].content_type ? recs[i].content_type : "");
-        r.payload.data = (uint8_t *)recs[i].payload;
-        r.payload.len = recs[i].payload_len;
-        rv[i] = r;
-        rp[i] = &rv[i];
-    }
-    body.n_records = n;
-    body.records = rp;
-
-    raw_len = cistern__v1__segment_body__get_packed_size(&body);
-    raw = malloc(raw_len ? raw_len : 1);
-    if (!raw)
-        goto out;
-    cistern__v1__segment_body__pack(&body, raw);
+    int rc = encode_body(e, recs, n, &raw_len);
+    if (rc)
+        return rc;
 
     seg->first_seq = recs[0].seq;
     seg->last_seq = recs[n - 1].seq;
@@ -68,28 +185,41 @@ int cis_segment_encode(const struct cis_record *recs, size_t n, uint32_t priorit
     seg->data = NULL;
     seg->data_len = 0;
 
-    zcap = ZSTD_compressBound(raw_len);
-    z = malloc(zcap);
-    if (!z)
-        goto out;
-    zlen = ZSTD_compress(z, zcap, raw, raw_len, level);
+    if (grow(&e->z, &e->zcap, ZSTD_compressBound(raw_len)))
+        return CIS_ENOMEM;
+    /* Same frame as ZSTD_compress() (which makes a context for the one call). */
+    size_t zlen = ZSTD_compressCCtx(e->cctx, e->z, e->zcap, e->raw, raw_len, e->level);
+    const uint8_t *src = e->raw;
+    size_t len = raw_len;
     if (!ZSTD_isError(zlen) && zlen < raw_len) {
         seg->compression = CISTERN__V1__COMPRESSION__COMPRESSION_ZSTD;
-        *data = z;
-        *data_len = zlen;
-        z = NULL;
+        src = e->z;
+        len = zlen;
     } else {
         seg->compression = CISTERN__V1__COMPRESSION__COMPRESSION_NONE;
-        *data = raw;
-        *data_len = raw_len;
-        raw = NULL;
     }
-    rc = CIS_OK;
-out:
-    free(z);
-    free(raw);
-    free(rp);
-    free(rv);
+    /* The caller's copy is exactly the blob: the scratch buffers stay for the next segment. */
+    uint8_t *out = malloc(len ? len : 1);
+    if (!out)
+        return CIS_ENOMEM;
+    memcpy(out, src, len);
+    *data = out;
+    *data_len = len;
+    return CIS_OK;
+}
+
+int cis_segment_encode(const struct cis_record *recs, size_t n, uint32_t priority, int level,
+                       struct cis_segment *seg, uint8_t **data, size_t *data_len)
+{
+    struct cis_seg_encoder *e = NULL;
+    *data = NULL;
+    *data_len = 0;
+    if (n == 0 || n > UINT32_MAX)
+        return CIS_EINVAL;
+    int rc = cis_seg_encoder_create(level, &e);
+    if (rc == CIS_OK)
+        rc = cis_seg_encoder_encode(e, recs, n, priority, seg, data, data_len);
+    cis_seg_encoder_destroy(e);
     return rc;
 }
 

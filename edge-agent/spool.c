@@ -34,10 +34,15 @@
  *   every transaction up to wal_keep - wal_ckpt after the last checkpoint fits into blocks the
  *   WAL already holds, so the spool can still delete what the receiver acknowledged and reuse
  *   its own free pages (a WAL truncated to zero would need new blocks even for a delete).
- * - A commit that grows the database reserves the file's new size before it commits
- *   (SQLITE_FCNTL_SIZE_HINT): on a full disk it fails there, cleanly, instead of committing
- *   into the WAL pages that the checkpoint could then not copy into the file (the WAL could
- *   never be rewritten, and every later transaction, deletes included, would need more disk).
+ * - A commit that grows the database reserves the file's new size before it commits: on a full
+ *   disk it fails there, cleanly, instead of committing into the WAL pages that the checkpoint
+ *   could then not copy into the file (the WAL could never be rewritten, and every later
+ *   transaction, deletes included, would need more disk).
+ * - Both reservations allocate blocks without writing them (posix_fallocate on a descriptor of
+ *   our own, spool__fallocate()). SQLite's SQLITE_FCNTL_SIZE_HINT, as Debian builds it (no
+ *   HAVE_POSIX_FALLOCATE), writes one byte into every 4 KiB block instead: each such write
+ *   dirties a whole page, so reserving cost as many bytes written to flash as it reserved
+ *   (20 MiB per checkpoint for the default WAL room, and once more the database's growth).
  * - The database may use db_budget pages' worth of bytes: max_size less half the checkpoint
  *   threshold and a margin for one commit. The file then sits between db_budget - one commit and
  *   db_budget, the WAL adds wal_keep at rest (up to wal_ckpt + one commit for a moment), and the
@@ -49,6 +54,7 @@
 #include "spool.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <libgen.h>
 #include <pthread.h>
 #include <sqlite3.h>
@@ -57,6 +63,10 @@
 #include <string.h>
 #include <sys/stat.h>
 #include <sys/statvfs.h>
+#include <unistd.h>
+#if defined(__aarch64__) && defined(__linux__)
+#include <sys/auxv.h> /* getauxval: the CPU's CRC32 instructions (spool__crc_hw_ok()) */
+#endif
 
 #include "cistern/backoff.h"
 #include "cistern/err.h"
@@ -183,10 +193,15 @@ static const char spool_upgrade_v3_sql[] =
 struct agent_spool {
     sqlite3 *db;
     char *path;
+    /* Our own descriptor of the database file, for spool__fallocate() (-1: none, SQLite's size
+     * hint instead). Closed only after the connection: closing any descriptor of a file drops
+     * the process's POSIX locks on it, SQLite's included. */
+    int db_fd;
+    char *wal_path; /* the -wal file's name, as SQLite made it */
     sqlite3_stmt *st[ST_COUNT];
     uint64_t epoch;
     uint64_t next_seq;
-    int zstd_level;
+    struct cis_seg_encoder *enc; /* kept across commits: its zstd context and buffers */
     const struct agent_seal *seal; /* borrowed */
     /* In-flight first_seqs: memory only (see the top of the file). Small: the forwarder's
      * window. */
@@ -228,6 +243,7 @@ struct agent_spool {
     int sync_full;
     int wal_unsynced;
     int wal_sync_err; /* the last WAL sync failed (logged once) */
+    int reserve_err;  /* errno of the last failed reservation for the database (logged once) */
 };
 
 /* What one transaction changed; applied to the counters only after its COMMIT returned. */
@@ -302,9 +318,81 @@ static int spool__int(sqlite3_stmt *st, uint64_t *out)
     return rc;
 }
 
-/* CRC-32C (Castagnoli), table-driven; the table is made once. */
-static uint32_t spool_crc_table[256];
+/* CRC-32C (Castagnoli), reflected, as the segments' crc column has always held it. Three ways to
+ * the same value: the CPU's instruction (x86-64 with SSE4.2, arm64 with the CRC32 extension: Pi
+ * 3/4/5), picked at run time, or tables, eight bytes a step (slicing-by-8) elsewhere (armhf, an
+ * older x86). Chosen and built once. */
+static uint32_t spool_crc_tab[8][256];
+static uint32_t (*spool_crc_fn)(uint32_t, const uint8_t *, size_t);
 static pthread_once_t spool_crc_once = PTHREAD_ONCE_INIT;
+
+/* The tables; CRC is the register (inverted by the caller). */
+static uint32_t spool__crc_sw(uint32_t crc, const uint8_t *p, size_t n)
+{
+    for (; n && ((uintptr_t)p & 7); n--)
+        crc = spool_crc_tab[0][(crc ^ *p++) & 0xff] ^ (crc >> 8);
+    for (; n >= 8; n -= 8, p += 8) {
+        uint32_t lo = crc ^ ((uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 |
+                             (uint32_t)p[3] << 24);
+        crc = spool_crc_tab[7][lo & 0xff] ^ spool_crc_tab[6][(lo >> 8) & 0xff] ^
+              spool_crc_tab[5][(lo >> 16) & 0xff] ^ spool_crc_tab[4][lo >> 24] ^
+              spool_crc_tab[3][p[4]] ^ spool_crc_tab[2][p[5]] ^ spool_crc_tab[1][p[6]] ^
+              spool_crc_tab[0][p[7]];
+    }
+    while (n--)
+        crc = spool_crc_tab[0][(crc ^ *p++) & 0xff] ^ (crc >> 8);
+    return crc;
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#define SPOOL_CRC_HW 1
+__attribute__((target("sse4.2"))) static uint32_t spool__crc_hw(uint32_t crc, const uint8_t *p,
+                                                                size_t n)
+{
+    for (; n && ((uintptr_t)p & 7); n--)
+        crc = __builtin_ia32_crc32qi(crc, *p++);
+    uint64_t c = crc;
+    for (; n >= 8; n -= 8, p += 8) {
+        uint64_t v;
+        memcpy(&v, p, 8);
+        c = __builtin_ia32_crc32di(c, v);
+    }
+    crc = (uint32_t)c;
+    while (n--)
+        crc = __builtin_ia32_crc32qi(crc, *p++);
+    return crc;
+}
+
+static int spool__crc_hw_ok(void)
+{
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("sse4.2");
+}
+#elif defined(__aarch64__) && defined(__GNUC__) && defined(__linux__)
+#define SPOOL_CRC_HW 1
+#ifndef HWCAP_CRC32
+#define HWCAP_CRC32 (1 << 7)
+#endif
+__attribute__((target("+crc"))) static uint32_t spool__crc_hw(uint32_t crc, const uint8_t *p,
+                                                              size_t n)
+{
+    for (; n && ((uintptr_t)p & 7); n--)
+        crc = __builtin_aarch64_crc32cb(crc, *p++);
+    for (; n >= 8; n -= 8, p += 8) {
+        uint64_t v;
+        memcpy(&v, p, 8);
+        crc = __builtin_aarch64_crc32cx(crc, v);
+    }
+    while (n--)
+        crc = __builtin_aarch64_crc32cb(crc, *p++);
+    return crc;
+}
+
+static int spool__crc_hw_ok(void)
+{
+    return (getauxval(AT_HWCAP) & HWCAP_CRC32) != 0;
+}
+#endif
 
 static void spool__crc_init(void)
 {
@@ -312,16 +400,23 @@ static void spool__crc_init(void)
         uint32_t c = i;
         for (int k = 0; k < 8; k++)
             c = c & 1 ? (c >> 1) ^ 0x82F63B78u : c >> 1;
-        spool_crc_table[i] = c;
+        spool_crc_tab[0][i] = c;
     }
+    for (uint32_t i = 0; i < 256; i++)
+        for (int t = 1; t < 8; t++)
+            spool_crc_tab[t][i] =
+                spool_crc_tab[0][spool_crc_tab[t - 1][i] & 0xff] ^ (spool_crc_tab[t - 1][i] >> 8);
+    spool_crc_fn = spool__crc_sw;
+#ifdef SPOOL_CRC_HW
+    if (spool__crc_hw_ok())
+        spool_crc_fn = spool__crc_hw;
+#endif
 }
 
-static uint32_t spool__crc(uint32_t crc, const uint8_t *p, size_t n)
+uint32_t agent_spool_crc32c(uint32_t crc, const void *p, size_t n, int portable)
 {
-    crc = ~crc;
-    while (n--)
-        crc = spool_crc_table[(crc ^ *p++) & 0xff] ^ (crc >> 8);
-    return ~crc;
+    pthread_once(&spool_crc_once, spool__crc_init);
+    return ~(portable ? spool__crc_sw : spool_crc_fn)(~crc, p, n);
 }
 
 /* A segment row's checksum: CRC-32C over its fields and its stored blob, with bit 32 set (0 in
@@ -339,10 +434,9 @@ static int64_t spool__seg_crc(uint64_t first, uint64_t last, int64_t prio, int64
     for (size_t i = 0; i < 6; i++)
         for (size_t b = 0; b < 8; b++)
             h[i * 8 + b] = (uint8_t)(f[i] >> (8 * b));
-    pthread_once(&spool_crc_once, spool__crc_init);
-    uint32_t c = spool__crc(0, h, sizeof(h));
+    uint32_t c = agent_spool_crc32c(0, h, sizeof(h), 0);
     if (len)
-        c = spool__crc(c, blob, len);
+        c = agent_spool_crc32c(c, blob, len, 0);
     return (int64_t)((uint64_t)c | (1ULL << 32));
 }
 
@@ -506,10 +600,28 @@ static int spool__wal_hook(void *arg, sqlite3 *db, const char *name, int nframe)
     return SQLITE_OK;
 }
 
+/* Make the file of FD at least WANT bytes long, its new blocks allocated but not written
+ * (posix_fallocate: on ext4, f2fs, btrfs, xfs and tmpfs unwritten extents that read as zeros;
+ * where the filesystem cannot, glibc writes a byte per block, as SQLite's size hint would). A
+ * file already that long is left alone (one fstat). Returns 0 or an errno value (ENOSPC: no
+ * room). */
+static int spool__fallocate(int fd, uint64_t want)
+{
+    struct stat st;
+    if (fstat(fd, &st) != 0)
+        return errno;
+    if (st.st_size < 0 || (uint64_t)st.st_size >= want)
+        return 0;
+    int err;
+    do
+        err = posix_fallocate(fd, st.st_size, (off_t)(want - (uint64_t)st.st_size));
+    while (err == EINTR);
+    return err;
+}
+
 /* Give the WAL file wal_keep frames of disk again after a checkpoint truncated it (or at open):
- * see the top of the file. The space is zero-filled (posix_fallocate through SQLite's VFS), which
- * SQLite takes for no frames. Best effort: on a full disk the WAL stays as it is, and the next
- * checkpoint tries again. */
+ * see the top of the file. The space reads as zeros, which SQLite takes for no frames. Best
+ * effort: on a full disk the WAL stays as it is, and the next checkpoint tries again. */
 static void spool__wal_reserve(struct agent_spool *s)
 {
     sqlite3_file *wal = NULL;
@@ -524,10 +636,25 @@ static void spool__wal_reserve(struct agent_spool *s)
      * same reason. One fdatasync per checkpoint. */
     if (wal->pMethods->xSync(wal, SQLITE_SYNC_NORMAL) != SQLITE_OK)
         return;
+    uint64_t want = spool__wal_bytes_for(s, s->wal_keep);
+    /* Allocated through a descriptor of our own, opened and closed here: SQLite takes no POSIX
+     * lock on the -wal file (its locks are on the database and the -shm), so closing it drops
+     * none. Without one, SQLite's size hint (which writes the room: see the top of the file). */
+    int fd = s->wal_path ? open(s->wal_path, O_WRONLY | O_CLOEXEC) : -1;
+    if (fd >= 0) {
+        int err = spool__fallocate(fd, want);
+        close(fd);
+        if (err == 0)
+            s->wal_hwm = s->wal_keep;
+        else
+            cis_debug("[spool] cannot reserve %llu bytes for the WAL: %s",
+                      (unsigned long long)want, strerror(err));
+        return;
+    }
     int exact = 1; /* no rounding: the file is then exactly wal_keep frames */
-    sqlite3_int64 want = (sqlite3_int64)spool__wal_bytes_for(s, s->wal_keep);
+    sqlite3_int64 hint = (sqlite3_int64)want;
     wal->pMethods->xFileControl(wal, SQLITE_FCNTL_CHUNK_SIZE, &exact);
-    if (wal->pMethods->xFileControl(wal, SQLITE_FCNTL_SIZE_HINT, &want) == SQLITE_OK)
+    if (wal->pMethods->xFileControl(wal, SQLITE_FCNTL_SIZE_HINT, &hint) == SQLITE_OK)
         s->wal_hwm = s->wal_keep;
 }
 
@@ -619,8 +746,25 @@ static int spool__commit_tx(struct agent_spool *s)
     int rc = spool__int(s->st[ST_PAGE_COUNT], &pc);
     if (rc != SQLITE_OK)
         return rc;
-    /* SQLite's unix VFS extends the file (posix_fallocate) to whole chunks, only if it is
-     * shorter: one fstat() when nothing grew. */
+    /* To whole chunks (SQLITE_FCNTL_CHUNK_SIZE, as SQLite itself extends the file), and only if
+     * it is shorter: one fstat() when nothing grew. */
+    if (s->db_fd >= 0) {
+        const uint64_t chunk = (uint64_t)s->page_size * SPOOL_CHUNK_PAGES;
+        int err = spool__fallocate(s->db_fd, (pc * s->page_size + chunk - 1) / chunk * chunk);
+        if (err == ENOSPC || err == EDQUOT)
+            return SQLITE_FULL;
+        if (err) {
+            /* spool__fail() logs the failed transaction; this says why, once per cause. */
+            if (err != s->reserve_err)
+                cis_error("[spool] cannot reserve disk space for the database: %s",
+                          strerror(err));
+            s->reserve_err = err;
+            return SQLITE_IOERR;
+        }
+        s->reserve_err = 0;
+        return spool__exec(s->st[ST_COMMIT]);
+    }
+    /* No descriptor of our own: SQLite's size hint, which fakes the allocation by writes. */
     sqlite3_int64 want = (sqlite3_int64)(pc * s->page_size);
     rc = sqlite3_file_control(s->db, "main", SQLITE_FCNTL_SIZE_HINT, &want);
     if (rc != SQLITE_OK && rc != SQLITE_NOTFOUND) {
@@ -1255,12 +1399,13 @@ int agent_spool_open(const struct agent_spool_opts *o, struct agent_spool **out,
     }
 
     s = calloc(1, sizeof(*s));
-    if (!s || !(s->path = strdup(o->path))) {
+    if (s)
+        s->db_fd = -1;
+    if (!s || !(s->path = strdup(o->path)) || cis_seg_encoder_create(o->zstd_level, &s->enc)) {
         cis_set_err(err, errlen, "%s: out of memory", o->path);
         ret = CIS_ENOMEM;
         goto out;
     }
-    s->zstd_level = o->zstd_level;
     s->seal = o->seal;
     s->clock_wall0 = cis_wall_ms();
     s->clock_mono0 = cis_mono_ms();
@@ -1367,6 +1512,22 @@ int agent_spool_open(const struct agent_spool_opts *o, struct agent_spool **out,
     ret = spool__init_db(s, err, errlen);
     if (ret)
         goto out;
+    /* The file exists now. Its name and the WAL's as SQLite made them (symlinks resolved), so
+     * our descriptors name the very files SQLite writes. Without them the reservations fall
+     * back to SQLite's size hint: correct, only more bytes written. */
+    {
+        const char *dbname = sqlite3_db_filename(s->db, "main");
+        const char *walname = dbname ? sqlite3_filename_wal(dbname) : NULL;
+        if (walname && walname[0] && !(s->wal_path = strdup(walname))) {
+            ret = CIS_ENOMEM;
+            goto out;
+        }
+        s->db_fd = dbname && dbname[0] ? open(dbname, O_RDWR | O_CLOEXEC) : -1;
+        if (s->db_fd < 0)
+            cis_warn("[spool] %s: cannot open a descriptor to reserve disk space with (%s):"
+                     " reserving through SQLite, which writes what it reserves",
+                     s->path, strerror(errno));
+    }
 
     for (int i = 0; i < ST_COUNT; i++) {
         rc =
@@ -1447,7 +1608,12 @@ void agent_spool_close(struct agent_spool *s)
         sqlite3_finalize(s->st[i]);
     if (s->db)
         sqlite3_close(s->db);
+    /* After the connection, whose locks closing this would drop (see struct agent_spool). */
+    if (s->db_fd >= 0)
+        close(s->db_fd);
+    cis_seg_encoder_destroy(s->enc);
     free(s->inflight);
+    free(s->wal_path);
     free(s->path);
     free(s);
 }
@@ -1540,11 +1706,42 @@ static int spool__evict(struct agent_spool *s, uint64_t need, int64_t now, struc
     return rc;
 }
 
+/* The lengths of the last stream and content type names seen: the records of one source share
+ * the same strings, so each is measured once per run of records. */
+struct spool_names {
+    const char *stream, *ctype;
+    size_t slen, clen;
+};
+
 /* The bytes a record adds to a segment before compression (payload, names, framing). */
-static size_t spool__rec_bytes(const struct cis_record *r)
+static size_t spool__rec_bytes(const struct cis_record *r, struct spool_names *nm)
 {
-    return r->payload_len + (r->stream ? strlen(r->stream) : 0) +
-           (r->content_type ? strlen(r->content_type) : 0) + 32;
+    if (r->stream != nm->stream) {
+        nm->stream = r->stream;
+        nm->slen = r->stream ? strlen(r->stream) : 0;
+    }
+    if (r->content_type != nm->ctype) {
+        nm->ctype = r->content_type;
+        nm->clen = r->content_type ? strlen(r->content_type) : 0;
+    }
+    return r->payload_len + nm->slen + nm->clen + 32;
+}
+
+/* Make room for one more element after the N in *ARR (*CAP allocated, SIZE bytes each); the new
+ * room is zeroed. Returns 0 or CIS_ENOMEM (*ARR unchanged). Small arrays (a commit's groups and
+ * segments): grown as needed rather than sized for one per record. */
+static int spool__room(void **arr, size_t n, size_t *cap, size_t size)
+{
+    if (n < *cap)
+        return CIS_OK;
+    size_t c = *cap ? *cap * 2 : 4;
+    void *p = realloc(*arr, c * size);
+    if (!p)
+        return CIS_ENOMEM;
+    memset((char *)p + *cap * size, 0, (c - *cap) * size);
+    *arr = p;
+    *cap = c;
+    return CIS_OK;
 }
 
 int agent_spool_commit(struct agent_spool *s, struct cis_record *recs, const uint32_t *prio,
@@ -1554,7 +1751,8 @@ int agent_spool_commit(struct agent_spool *s, struct cis_record *recs, const uin
     struct spool_group *grp = NULL;
     struct spool_part *part = NULL;
     size_t *pos = NULL; /* record i's index in work (its seq less base) */
-    size_t ngrp = 0, npart = 0;
+    size_t ngrp = 0, npart = 0, capgrp = 0, cappart = 0;
+    void *arr = NULL;
     struct spool_delta d;
     int ret = CIS_OK;
     int in_tx = 0;
@@ -1574,9 +1772,8 @@ int agent_spool_commit(struct agent_spool *s, struct cis_record *recs, const uin
         return CIS_EINVAL; /* seq space exhausted; cannot happen in practice */
 
     work = malloc(n * sizeof(*work));
-    grp = calloc(n, sizeof(*grp)); /* at most one group per record */
     pos = malloc(n * sizeof(*pos));
-    if (!work || !grp || !pos) {
+    if (!work || !pos) {
         ret = CIS_ENOMEM;
         goto out;
     }
@@ -1597,6 +1794,11 @@ int agent_spool_commit(struct agent_spool *s, struct cis_record *recs, const uin
                 }
         }
         if (g == SIZE_MAX) {
+            arr = grp;
+            ret = spool__room(&arr, ngrp, &capgrp, sizeof(*grp));
+            grp = arr;
+            if (ret)
+                goto out;
             g = ngrp++;
             grp[g].prio = prio[i];
             grp[g].ttl = ttl;
@@ -1624,20 +1826,21 @@ int agent_spool_commit(struct agent_spool *s, struct cis_record *recs, const uin
     /* Each group is one segment, or several consecutive ones when its records pass seg_max
      * (only when a commit is large next to max_size): eviction then frees space in steps small
      * enough for the size bound. Parts come out in seq order. */
-    part = calloc(n, sizeof(*part)); /* at most one part per record */
-    if (!part) {
-        ret = CIS_ENOMEM;
-        goto out;
-    }
+    struct spool_names names = {0};
     for (uint32_t c = 0; c < CIS_PRIO_COUNT; c++)
         for (size_t g = 0; g < ngrp; g++) {
             if (grp[g].prio != c)
                 continue;
             size_t bytes = 0;
             for (size_t i = grp[g].start; i < grp[g].start + grp[g].cnt; i++) {
-                size_t rb = spool__rec_bytes(&work[i]);
+                size_t rb = spool__rec_bytes(&work[i], &names);
                 struct spool_part *pt = npart ? &part[npart - 1] : NULL;
                 if (!pt || i == grp[g].start || bytes + rb > s->seg_max) {
+                    arr = part;
+                    ret = spool__room(&arr, npart, &cappart, sizeof(*part));
+                    part = arr;
+                    if (ret)
+                        goto out;
                     pt = &part[npart++];
                     pt->prio = c;
                     pt->ttl = grp[g].ttl;
@@ -1653,8 +1856,8 @@ int agent_spool_commit(struct agent_spool *s, struct cis_record *recs, const uin
     uint64_t need = 0, leaf_bytes = 0;
     for (size_t k = 0; k < npart; k++) {
         struct spool_part *pt = &part[k];
-        ret = cis_segment_encode(work + pt->start, pt->cnt, pt->prio, s->zstd_level, &pt->seg,
-                                 &pt->data, &pt->len);
+        ret = cis_seg_encoder_encode(s->enc, work + pt->start, pt->cnt, pt->prio, &pt->seg,
+                                     &pt->data, &pt->len);
         if (ret) {
             cis_error("[spool] commit: encoding %zu records failed (%d)", pt->cnt, ret);
             goto out;

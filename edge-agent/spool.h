@@ -35,7 +35,7 @@ struct agent_spool_opts {
                             * corrupts; the WAL is synced before claim or ledger_unsent hands out
                             * anything, so it undoes only what never left the agent);
                             * 1: synchronous=FULL (a returned commit survives power loss) */
-    int zstd_level;        /* passed to cis_segment_encode() */
+    int zstd_level;        /* passed to cis_seg_encoder_create() */
     uint64_t max_size;     /* bound on the database + WAL files, bytes; 0: unbounded */
     int reject_new;        /* when a commit does not fit in max_size: 0 evicts (drop_oldest),
                             * 1 fails the commit with CIS_EFULL (reject_new) */
@@ -185,6 +185,11 @@ struct agent_spool_stats {
 
 /* Fill ST from in-memory counters (no I/O). */
 void agent_spool_stats(const struct agent_spool *s, struct agent_spool_stats *st);
+
+/* CRC-32C (Castagnoli) of N bytes at P, continuing from CRC (0 to start): the checksum in the
+ * segments' crc column. The CPU's CRC instruction where there is one (x86-64 with SSE4.2, arm64
+ * with CRC32), else tables; PORTABLE 1 forces the tables (the tests compare the two ways). */
+uint32_t agent_spool_crc32c(uint32_t crc, const void *p, size_t n, int portable);
 
 /* ---- corruption: quarantine and a fresh spool (spool_recover.c) ---- */
 

@@ -8,11 +8,13 @@
 #include <string.h>
 
 #include <dirent.h>
+#include <fcntl.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
 #include <cmocka.h>
 #include <sqlite3.h>
+#include <zstd.h>
 
 #include "cistern/backoff.h"
 #include "cistern/codec.h"
@@ -2095,6 +2097,327 @@ static void test_ledger_add_and_salvage(void **state)
     agent_spool_close(s);
 }
 
+/* ---- the segment encoder's bytes, the checksum, and reservations that write nothing ---- */
+
+/* The SegmentBody protobuf-c packs for these records: the reference the encoder must match. */
+static uint8_t *pb_reference(const struct cis_record *r, size_t n, size_t *len)
+{
+    Cistern__V1__Record *rv = calloc(n, sizeof(*rv));
+    Cistern__V1__Record **rp = calloc(n, sizeof(*rp));
+    assert_non_null(rv);
+    assert_non_null(rp);
+    for (size_t i = 0; i < n; i++) {
+        Cistern__V1__Record x = CISTERN__V1__RECORD__INIT;
+        x.seq = r[i].seq;
+        x.ts_ms = r[i].ts_ms;
+        x.stream = (char *)(r[i].stream ? r[i].stream : "");
+        x.content_type = (char *)(r[i].content_type ? r[i].content_type : "");
+        x.payload.data = (uint8_t *)r[i].payload;
+        x.payload.len = r[i].payload_len;
+        rv[i] = x;
+        rp[i] = &rv[i];
+    }
+    Cistern__V1__SegmentBody body = CISTERN__V1__SEGMENT_BODY__INIT;
+    body.n_records = n;
+    body.records = rp;
+    *len = cistern__v1__segment_body__get_packed_size(&body);
+    uint8_t *out = malloc(*len ? *len : 1);
+    assert_non_null(out);
+    assert_int_equal(cistern__v1__segment_body__pack(&body, out), *len);
+    free(rp);
+    free(rv);
+    return out;
+}
+
+/* A blob as stored (zstd or not) back to its serialized SegmentBody. */
+static uint8_t *blob_raw(const uint8_t *blob, size_t blen, int compression, uint64_t raw_size)
+{
+    uint8_t *raw = malloc(raw_size ? raw_size : 1);
+    assert_non_null(raw);
+    if (compression == CISTERN__V1__COMPRESSION__COMPRESSION_ZSTD) {
+        assert_int_equal(ZSTD_decompress(raw, raw_size, blob, blen), raw_size);
+    } else {
+        assert_int_equal(compression, CISTERN__V1__COMPRESSION__COMPRESSION_NONE);
+        assert_int_equal(blen, raw_size);
+        memcpy(raw, blob, blen);
+    }
+    return raw;
+}
+
+/* Records that reach every branch of the wire format: fields left out at their defaults (seq 0,
+ * ts 0, empty names and payloads), negative and extreme times (10-byte varints), lengths of one,
+ * two and three varint bytes, names shared between records and not. */
+#define WIRE_N 24
+static void wire_records(struct cis_record *r, uint64_t first, uint8_t *big, size_t bigcap)
+{
+    static char longname[300];
+    memset(longname, 'n', sizeof(longname) - 1);
+    static const int64_t ts[] = {0, -1, 1, -1700000000000LL, INT64_MAX, INT64_MIN,
+                                 1700000000123LL, 127, 128};
+    const char *streams[] = {"apps", NULL, "", "a", longname, "apps"};
+    const char *ctypes[] = {"application/json", NULL, "", "text/plain"};
+    const size_t plens[] = {0, 1, 127, 128, 300, 16383, 16384, 20000, 95};
+    uint64_t rng = 11;
+    fill_random(big, bigcap, &rng);
+    for (size_t i = 0; i < WIRE_N; i++) {
+        size_t pl = plens[i % (sizeof(plens) / sizeof(plens[0]))];
+        assert_true(pl <= bigcap);
+        r[i] = (struct cis_record){
+            .seq = first + i,
+            .ts_ms = ts[i % (sizeof(ts) / sizeof(ts[0]))],
+            .stream = streams[i % (sizeof(streams) / sizeof(streams[0]))],
+            .content_type = ctypes[i % (sizeof(ctypes) / sizeof(ctypes[0]))],
+            .payload = pl || i % 2 ? big + i : NULL, /* an empty payload with and without data */
+            .payload_len = pl};
+    }
+}
+
+static void test_segment_wire_format(void **state)
+{
+    (void)state;
+    static uint8_t big[20000 + WIRE_N];
+    struct cis_record r[WIRE_N];
+    struct cis_seg_encoder *e = NULL;
+    assert_int_equal(cis_seg_encoder_create(3, &e), 0);
+    /* One encoder for segments of several sizes, big and then small (its buffers are reused),
+     * from seq 0 (left out on the wire) to seqs that take 6 varint bytes. */
+    const uint64_t firsts[] = {0, 1, 1ULL << 35, 300};
+    const size_t counts[] = {WIRE_N, 3, WIRE_N, 1};
+    for (size_t k = 0; k < 4; k++) {
+        wire_records(r, firsts[k], big, sizeof(big) - WIRE_N);
+        size_t n = counts[k];
+        size_t want_len = 0;
+        uint8_t *want = pb_reference(r, n, &want_len);
+        for (int oneshot = 0; oneshot < 2; oneshot++) {
+            struct cis_segment seg;
+            uint8_t *data = NULL;
+            size_t len = 0;
+            if (oneshot)
+                assert_int_equal(cis_segment_encode(r, n, CIS_PRIO_LOW, 3, &seg, &data, &len), 0);
+            else
+                assert_int_equal(
+                    cis_seg_encoder_encode(e, r, n, CIS_PRIO_LOW, &seg, &data, &len), 0);
+            assert_int_equal(seg.first_seq, firsts[k]);
+            assert_int_equal(seg.last_seq, firsts[k] + n - 1);
+            assert_int_equal(seg.record_count, n);
+            assert_int_equal(seg.priority, CIS_PRIO_LOW);
+            assert_int_equal(seg.raw_size, want_len);
+            uint8_t *raw = blob_raw(data, len, seg.compression, seg.raw_size);
+            assert_memory_equal(raw, want, want_len);
+            free(raw);
+            /* and protobuf-c reads it back, record by record */
+            seg.data = data;
+            seg.data_len = len;
+            Cistern__V1__SegmentBody *body = NULL;
+            char why[128] = "";
+            assert_int_equal(cis_segment_decode(&seg, 1 << 20, &body, why, sizeof(why)), 0);
+            assert_int_equal(body->n_records, n);
+            for (size_t i = 0; i < n; i++) {
+                assert_int_equal(body->records[i]->ts_ms, r[i].ts_ms);
+                assert_string_equal(body->records[i]->stream, r[i].stream ? r[i].stream : "");
+                assert_int_equal(body->records[i]->payload.len, r[i].payload_len);
+                if (r[i].payload_len)
+                    assert_memory_equal(body->records[i]->payload.data, r[i].payload,
+                                        r[i].payload_len);
+            }
+            cistern__v1__segment_body__free_unpacked(body, NULL);
+            free(data);
+        }
+        free(want);
+    }
+    /* seqs must be contiguous; nothing comes out */
+    r[1].seq = r[0].seq + 2;
+    struct cis_segment seg;
+    uint8_t *data = (uint8_t *)1;
+    size_t len = 1;
+    assert_int_equal(cis_seg_encoder_encode(e, r, 2, 1, &seg, &data, &len), CIS_EINVAL);
+    assert_null(data);
+    assert_int_equal(len, 0);
+    assert_int_equal(cis_seg_encoder_encode(e, r, 0, 1, &seg, &data, &len), CIS_EINVAL);
+    cis_seg_encoder_destroy(e);
+    cis_seg_encoder_destroy(NULL);
+}
+
+/* The spool stores what the encoder makes: the blob on disk is protobuf-c's bytes, compressed. */
+static void test_commit_stores_wire_format(void **state)
+{
+    struct fx *f = *state;
+    static uint8_t big[20000 + WIRE_N];
+    struct cis_record r[WIRE_N];
+    uint32_t p[WIRE_N];
+    wire_records(r, 999999, big, sizeof(big) - WIRE_N);
+    for (size_t i = 0; i < WIRE_N; i++)
+        p[i] = CIS_PRIO_NORMAL;
+    struct agent_spool *s = sp_open(f->path);
+    commit_n(s, 2, CIS_PRIO_NORMAL); /* 1..2: the next commit starts at 3 */
+    assert_int_equal(agent_spool_commit(s, r, p, NULL, WIRE_N), 0);
+    assert_int_equal(r[0].seq, 3);
+    size_t want_len = 0;
+    uint8_t *want = pb_reference(r, WIRE_N, &want_len);
+
+    sqlite3 *db = ext_open(f->path);
+    sqlite3_stmt *q = NULL;
+    assert_int_equal(sqlite3_prepare_v2(db,
+                                        "SELECT data, compression, raw_size FROM segments"
+                                        " WHERE first_seq=3",
+                                        -1, &q, NULL),
+                     SQLITE_OK);
+    assert_int_equal(sqlite3_step(q), SQLITE_ROW);
+    assert_int_equal(sqlite3_column_int64(q, 2), (int64_t)want_len);
+    uint8_t *raw = blob_raw(sqlite3_column_blob(q, 0), (size_t)sqlite3_column_bytes(q, 0),
+                            sqlite3_column_int(q, 1), want_len);
+    assert_memory_equal(raw, want, want_len);
+    free(raw);
+    free(want);
+    sqlite3_finalize(q);
+    sqlite3_close(db);
+    agent_spool_close(s);
+}
+
+/* CRC-32C, one bit at a time: what the tables and the CPU instructions must agree with. */
+static uint32_t crc_ref(uint32_t crc, const uint8_t *p, size_t n)
+{
+    crc = ~crc;
+    while (n--) {
+        crc ^= *p++;
+        for (int k = 0; k < 8; k++)
+            crc = crc & 1 ? (crc >> 1) ^ 0x82F63B78u : crc >> 1;
+    }
+    return ~crc;
+}
+
+static void test_crc32c(void **state)
+{
+    struct fx *f = *state;
+    /* the standard check value */
+    assert_int_equal(agent_spool_crc32c(0, "123456789", 9, 0), 0xE3069283u);
+    assert_int_equal(agent_spool_crc32c(0, "123456789", 9, 1), 0xE3069283u);
+    /* every length and alignment around the 8-byte steps, and continued in two calls */
+    static uint8_t buf[1100];
+    uint64_t rng = 7;
+    fill_random(buf, sizeof(buf), &rng);
+    for (size_t off = 0; off < 8; off++)
+        for (size_t n = 0; n < 80 || (n == 80 && off == 0); n++) {
+            size_t len = n < 80 ? n : 1024;
+            uint32_t want = crc_ref(0, buf + off, len);
+            assert_int_equal(agent_spool_crc32c(0, buf + off, len, 0), want);
+            assert_int_equal(agent_spool_crc32c(0, buf + off, len, 1), want);
+            size_t half = len / 3;
+            assert_int_equal(agent_spool_crc32c(agent_spool_crc32c(0, buf + off, half, 0),
+                                                buf + off + half, len - half, 1),
+                             want);
+        }
+
+    /* on disk: the crc column is the CRC-32C of the row's fields (little-endian u64) and its
+     * blob, with bit 32 set, as spools written before this code hold it (claim checks it) */
+    struct agent_spool *s = sp_open(f->path);
+    commit_n(s, 5, CIS_PRIO_LOW);
+    sqlite3 *db = ext_open(f->path);
+    sqlite3_stmt *q = NULL;
+    assert_int_equal(sqlite3_prepare_v2(db,
+                                        "SELECT first_seq, last_seq, priority, record_count,"
+                                        " compression, raw_size, data, crc FROM segments",
+                                        -1, &q, NULL),
+                     SQLITE_OK);
+    assert_int_equal(sqlite3_step(q), SQLITE_ROW);
+    uint8_t h[48];
+    for (int i = 0; i < 6; i++) {
+        uint64_t v = (uint64_t)sqlite3_column_int64(q, i);
+        for (int b = 0; b < 8; b++)
+            h[i * 8 + b] = (uint8_t)(v >> (8 * b));
+    }
+    uint32_t c = crc_ref(0, h, sizeof(h));
+    c = crc_ref(c, sqlite3_column_blob(q, 6), (size_t)sqlite3_column_bytes(q, 6));
+    assert_int_equal(sqlite3_column_int64(q, 7), (int64_t)((uint64_t)c | (1ULL << 32)));
+    sqlite3_finalize(q);
+    sqlite3_close(db);
+    struct agent_spool_seg *g = NULL;
+    size_t n = 0;
+    assert_int_equal(agent_spool_claim(s, 100, SIZE_MAX, &g, &n), 0);
+    assert_int_equal(n, 1); /* and it passes its own check */
+    agent_spool_segs_free(g, n);
+    agent_spool_close(s);
+}
+
+/* This process's write_bytes (/proc/self/io: page-cache pages it dirtied), or -1. */
+static int64_t io_write_bytes(void)
+{
+    FILE *fp = fopen("/proc/self/io", "r");
+    if (!fp)
+        return -1;
+    char line[128];
+    long long v = -1;
+    while (fgets(line, sizeof(line), fp))
+        if (sscanf(line, "write_bytes: %lld", &v) == 1)
+            break;
+    fclose(fp);
+    return v;
+}
+
+/* Can the spool's filesystem allocate without writing, and does it account writes? Else the
+ * check below means nothing (tmpfs counts no writes; without fallocate, glibc writes zeros). */
+static int wear_measurable(const struct fx *f)
+{
+    char p[192];
+    snprintf(p, sizeof(p), "%s/probe", f->dir);
+    int fd = open(p, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+    assert_true(fd >= 0);
+    int ok = fallocate(fd, 0, 0, 1 << 20) == 0;
+    static uint8_t b[1 << 20];
+    int64_t w0 = io_write_bytes();
+    ok = ok && w0 >= 0 && pwrite(fd, b, sizeof(b), 1 << 20) == (ssize_t)sizeof(b) &&
+         io_write_bytes() - w0 >= (int64_t)sizeof(b) / 2;
+    close(fd);
+    unlink(p);
+    if (!ok)
+        fprintf(stderr, "note: %s cannot show written bytes (tmpfs, or no fallocate): the wear"
+                        " checks are skipped\n",
+                f->dir);
+    return ok;
+}
+
+/* Flash wear: the room the spool reserves (the WAL's after each checkpoint, the database's ahead
+ * of a commit that grows it) is allocated, not written. Reserving it with SQLite's size hint
+ * wrote a byte into every 4 KiB block, which dirtied (and wrote to flash) every page of it. */
+static void test_reserve_writes_nothing(void **state)
+{
+    struct fx *f = *state;
+    if (!wear_measurable(f))
+        return;
+    /* the default max_size: the WAL's room is 1.25 x 16 MiB */
+    int64_t w0 = io_write_bytes();
+    struct agent_spool *s = sp_open_opts(f->path, 512ULL << 20, 0, 0, NULL);
+    int64_t w_open = io_write_bytes() - w0;
+    uint64_t room = wal_size(f->path);
+    assert_true(room >= 19ULL << 20);
+    struct stat sb;
+    char wal[192];
+    snprintf(wal, sizeof(wal), "%s-wal", f->path);
+    assert_int_equal(stat(wal, &sb), 0);
+    assert_true((uint64_t)sb.st_blocks * 512 >= room); /* allocated, not a hole */
+    assert_true(w_open < 1 << 20);                      /* not written */
+
+    /* commits that grow the database by ~4 MiB of incompressible segments: what is written is
+     * the WAL's frames, not the reservation of the database's new size on top */
+    static uint8_t buf[64 * 1024];
+    uint64_t rng = 9;
+    uint64_t db0 = file_size(f->path);
+    w0 = io_write_bytes();
+    for (int i = 0; i < 64; i++)
+        assert_int_equal(commit_big(s, buf, sizeof(buf), CIS_PRIO_NORMAL, 0, &rng, NULL), 0);
+    int64_t w_commits = io_write_bytes() - w0;
+    struct agent_spool_stats st;
+    agent_spool_stats(s, &st);
+    assert_int_equal(st.pending_records, 64);
+    uint64_t grown = file_size(f->path) - db0;
+    assert_true(grown >= 64 * sizeof(buf)); /* reserved ahead of the checkpoint */
+    assert_true(st.wal_bytes == room);      /* the frames went into the WAL's room */
+    /* frames: 64 KiB of payload is 64 pages + a few, at 1048 bytes each in the WAL */
+    assert_true(w_commits >= (int64_t)(64 * sizeof(buf)));
+    assert_true(w_commits < (int64_t)(64 * sizeof(buf)) * 5 / 4);
+    agent_spool_close(s);
+}
+
 #define T(fn) cmocka_unit_test_setup_teardown(fn, fx_setup, fx_teardown)
 
 int main(void)
@@ -2127,6 +2450,10 @@ int main(void)
         T(test_sealing),
         T(test_disk_full_max_page_count),
         T(test_ledger_add_and_salvage),
+        T(test_segment_wire_format),
+        T(test_commit_stores_wire_format),
+        T(test_crc32c),
+        T(test_reserve_writes_nothing),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -36,9 +36,27 @@ struct cis_segment {
 
 /* Encode N records (seqs must be contiguous, ascending) into a segment blob.
  * Compresses with zstd at LEVEL when that is smaller. On success *DATA is malloc'd
- * (caller frees) and SEG's fields other than data/data_len are filled. */
+ * (caller frees) and SEG's fields other than data/data_len are filled. Returns 0, CIS_EINVAL
+ * (N is 0 or seqs not contiguous) or CIS_ENOMEM. */
 int cis_segment_encode(const struct cis_record *recs, size_t n, uint32_t priority, int level,
                        struct cis_segment *seg, uint8_t **data, size_t *data_len);
+
+/* A segment encoder for many segments in a row (the spool's group commits): it keeps its zstd
+ * context and buffers from one segment to the next, so an encode allocates only the blob it
+ * returns. The bytes are those of cis_segment_encode(). One thread at a time. */
+struct cis_seg_encoder;
+
+/* Make an encoder that compresses at zstd LEVEL. Returns 0 or CIS_ENOMEM; *OUT is freed with
+ * cis_seg_encoder_destroy(). */
+int cis_seg_encoder_create(int level, struct cis_seg_encoder **out);
+
+/* Free E (and its buffers). Accepts NULL. */
+void cis_seg_encoder_destroy(struct cis_seg_encoder *e);
+
+/* As cis_segment_encode(), with E's level. *DATA is malloc'd (caller frees). */
+int cis_seg_encoder_encode(struct cis_seg_encoder *e, const struct cis_record *recs, size_t n,
+                           uint32_t priority, struct cis_segment *seg, uint8_t **data,
+                           size_t *data_len);
 
 struct cis_batch_meta {
     const char *agent_id;
