@@ -93,6 +93,18 @@ int cis_seg_encoder_create(int level, struct cis_seg_encoder **out)
     return CIS_OK;
 }
 
+void cis_seg_encoder_trim(struct cis_seg_encoder *e)
+{
+    if (!e)
+        return;
+    ZSTD_freeCCtx(e->cctx);
+    free(e->raw);
+    free(e->z);
+    e->cctx = NULL;
+    e->raw = e->z = NULL;
+    e->rawcap = e->zcap = 0;
+}
+
 void cis_seg_encoder_destroy(struct cis_seg_encoder *e)
 {
     if (!e)
@@ -188,6 +200,8 @@ int cis_seg_encoder_encode(struct cis_seg_encoder *e, const struct cis_record *r
     if (grow(&e->z, &e->zcap, ZSTD_compressBound(raw_len)))
         return CIS_ENOMEM;
     /* Same frame as ZSTD_compress() (which makes a context for the one call). */
+    if (!e->cctx && !(e->cctx = ZSTD_createCCtx())) /* given back by cis_seg_encoder_trim */
+        return CIS_ENOMEM;
     size_t zlen = ZSTD_compressCCtx(e->cctx, e->z, e->zcap, e->raw, raw_len, e->level);
     const uint8_t *src = e->raw;
     size_t len = raw_len;

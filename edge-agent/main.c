@@ -4,6 +4,9 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <getopt.h>
+#ifdef __GLIBC__
+#include <malloc.h>
+#endif
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -68,6 +71,8 @@ struct agent {
     /* The wall clock when poll last woke, for the records read in that turn: one clock read
      * per turn rather than per record. 0 outside the callbacks of a turn. */
     int64_t turn_wall_ms;
+    int64_t busy_mono;  /* when records last came in or went out */
+    int trimmed;        /* memory given back since then */
 };
 
 static volatile sig_atomic_t signals_seen;
@@ -298,6 +303,32 @@ static void ingest_commit(struct agent *a)
     free(ttl);
 }
 
+/* After a burst the agent keeps its peak memory: the ingest queue's arrays, SQLite's page
+ * cache and freed heap that malloc keeps for reuse. Once nothing has come in or gone out for
+ * IDLE_TRIM_MS, give it back, once per idle period (bench/RESULTS.md, B4). */
+#define IDLE_TRIM_MS 3000
+
+static void idle_trim(struct agent *a, int64_t now)
+{
+    if (a->nrecs || !agent_forwarder_idle(a->fwd)) {
+        a->busy_mono = now;
+        a->trimmed = 0;
+        return;
+    }
+    if (a->trimmed || now - a->busy_mono < IDLE_TRIM_MS)
+        return;
+    free(a->recs);
+    free(a->arena);
+    a->recs = NULL;
+    a->arena = NULL;
+    a->caprecs = a->arena_cap = 0;
+    agent_spool_release_memory(a->spool);
+#ifdef __GLIBC__
+    malloc_trim(0);
+#endif
+    a->trimmed = 1;
+}
+
 void agent_spool_failed(struct agent *a, int rc)
 {
     if (rc == CIS_ECORRUPT)
@@ -437,6 +468,9 @@ static int run(struct agent *a)
         if (commit_due(a, now) || (draining && a->nrecs))
             ingest_commit(a);
         expire_due(a, now);
+        idle_trim(a, now);
+        if (!a->trimmed)
+            deadline = agent_deadline_min(deadline, a->busy_mono + IDLE_TRIM_MS);
         deadline = agent_deadline_min(deadline, a->next_expire);
         if (a->nrecs)
             deadline = agent_deadline_min(deadline, a->oldest_mono + a->cfg.commit_interval_ms);

@@ -2657,3 +2657,12 @@ void agent_spool_salvage_info(const struct agent_spool *s, struct agent_spool_sa
     out->next_seq = s->next_seq;
     out->min_pending_seq = spool__total_segments(s) ? s->min_first_seq : 0;
 }
+
+void agent_spool_release_memory(struct agent_spool *s)
+{
+    if (!s)
+        return;
+    cis_seg_encoder_trim(s->enc);
+    if (s->db)
+        sqlite3_db_release_memory(s->db); /* unpinned pages of its cache; they reload as read */
+}

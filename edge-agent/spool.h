@@ -129,6 +129,11 @@ struct agent_spool_seg {
 int agent_spool_claim(struct agent_spool *s, size_t max_records, size_t max_bytes,
                       struct agent_spool_seg **out, size_t *n);
 
+/* Give back the segment encoder's zstd context and buffers and the memory of SQLite's page
+ * cache that nothing holds (the agent calls it once it has been idle for a while; all of it
+ * comes back on use). */
+void agent_spool_release_memory(struct agent_spool *s);
+
 /* Free an array from agent_spool_claim(). Accepts NULL. Does not change in-flight state. */
 void agent_spool_segs_free(struct agent_spool_seg *segs, size_t n);
 

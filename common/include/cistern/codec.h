@@ -53,6 +53,10 @@ int cis_seg_encoder_create(int level, struct cis_seg_encoder **out);
 /* Free E (and its buffers). Accepts NULL. */
 void cis_seg_encoder_destroy(struct cis_seg_encoder *e);
 
+/* Give back E's zstd context and buffers (a few MiB after 1 MiB commits) until the next
+ * encode, which makes them again. For an agent gone idle. */
+void cis_seg_encoder_trim(struct cis_seg_encoder *e);
+
 /* As cis_segment_encode(), with E's level. *DATA is malloc'd (caller frees). */
 int cis_seg_encoder_encode(struct cis_seg_encoder *e, const struct cis_record *recs, size_t n,
                            uint32_t priority, struct cis_segment *seg, uint8_t **data,
