@@ -21,6 +21,7 @@ struct slot {
     uint64_t nrecords;
     uint64_t *ledger_ids;
     size_t nledger;
+    int newest; /* claimed from the newest end of a backlog */
 };
 
 struct agent_forwarder {
@@ -44,6 +45,7 @@ struct agent_forwarder {
                         * in batches of their own until they are through */
     int aborting;      /* inside agent_forwarder_abort(): results say nothing of the link */
     int ack_err;       /* the last delete of acknowledged segments failed (logged once) */
+    int last_newest;   /* the last batch started was claimed newest first */
     struct agent_link link; /* for `status`; in_flight is filled in on request */
 };
 
@@ -246,6 +248,23 @@ int agent_forwarder_create(struct agent *a, const struct agent_config *cfg,
     return 0;
 }
 
+/* During a backlog, live records would wait for all of it: batches go oldest first. So while
+ * more than two batches' worth wait beyond those in flight, one batch at a time (and never two
+ * in a row) is claimed from the newest end instead: live data gets a share of the link, at
+ * least every other batch, and the backlog drains from both ends (DESIGN.md §2, "Backlog";
+ * bench/RESULTS.md, B6). In steady state nothing changes: batches go oldest first. */
+static int backlog_share_due(const struct agent_forwarder *f)
+{
+    struct agent_spool_stats st;
+    if (f->last_newest)
+        return 0;
+    for (size_t i = 0; i < f->nslots; i++)
+        if (f->slots[i].used && f->slots[i].newest)
+            return 0;
+    agent_spool_stats(f->spool, &st);
+    return st.pending_records > f->inflight_records + 2 * (uint64_t)f->cfg->batch_max_records;
+}
+
 /* Claim segments and loss entries and start one batch. Returns 1 if a batch was started. */
 static int start_batch(struct agent_forwarder *f, int64_t now, int with_segments)
 {
@@ -266,8 +285,12 @@ static int start_batch(struct agent_forwarder *f, int64_t now, int with_segments
     if (!slot)
         return 0;
     if (with_segments) {
-        rc = agent_spool_claim(f->spool, (size_t)f->cfg->batch_max_records,
-                               (size_t)f->cfg->batch_max_bytes, &segs, &nseg);
+        int newest = backlog_share_due(f);
+        rc = (newest ? agent_spool_claim_newest : agent_spool_claim)(
+            f->spool, (size_t)f->cfg->batch_max_records, (size_t)f->cfg->batch_max_bytes, &segs,
+            &nseg);
+        f->last_newest = newest;
+        slot->newest = newest;
         if (rc) {
             cis_warn("[forward] cannot read the spool: %s", cis_strerror(rc));
             agent_spool_failed(f->a, rc);

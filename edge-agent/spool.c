@@ -104,6 +104,7 @@ enum {
     ST_SEG_INSERT,
     ST_SET_NEXT_SEQ,
     ST_CLAIM_SCAN,
+    ST_CLAIM_SCAN_NEWEST,
     ST_SEG_DATA,
     ST_SEG_INFO,
     ST_SEG_DELETE,
@@ -135,6 +136,9 @@ static const char *const spool_sql[ST_COUNT] = {
      * index segments_prio. */
     [ST_CLAIM_SCAN] = "SELECT first_seq, last_seq, priority, record_count, compression, raw_size, "
                       "created_ms, length(data) FROM segments ORDER BY priority, first_seq",
+    [ST_CLAIM_SCAN_NEWEST] = "SELECT first_seq, last_seq, priority, record_count, compression, "
+                             "raw_size, created_ms, length(data) FROM segments "
+                             "ORDER BY priority, first_seq DESC",
     [ST_SEG_DATA] = "SELECT data, expires_ms, sealed, crc FROM segments WHERE first_seq = ?",
     [ST_SEG_INFO] = "SELECT last_seq, record_count, priority, length(data) FROM segments "
                     "WHERE first_seq = ?",
@@ -2102,8 +2106,23 @@ static int spool__push(uint64_t **arr, size_t *n, size_t *cap, uint64_t v)
     return CIS_OK;
 }
 
+static int spool__claim(struct agent_spool *s, int newest, size_t max_records, size_t max_bytes,
+                        struct agent_spool_seg **out, size_t *n);
+
 int agent_spool_claim(struct agent_spool *s, size_t max_records, size_t max_bytes,
                       struct agent_spool_seg **out, size_t *n)
+{
+    return spool__claim(s, 0, max_records, max_bytes, out, n);
+}
+
+int agent_spool_claim_newest(struct agent_spool *s, size_t max_records, size_t max_bytes,
+                             struct agent_spool_seg **out, size_t *n)
+{
+    return spool__claim(s, 1, max_records, max_bytes, out, n);
+}
+
+static int spool__claim(struct agent_spool *s, int newest, size_t max_records, size_t max_bytes,
+                        struct agent_spool_seg **out, size_t *n)
 {
     struct agent_spool_seg *arr = NULL;
     size_t cnt = 0, cap = 0;
@@ -2112,7 +2131,7 @@ int agent_spool_claim(struct agent_spool *s, size_t max_records, size_t max_byte
     uint64_t *dmg = NULL; /* segments that failed their checksum */
     size_t ndmg = 0, capdmg = 0;
     size_t recs_total = 0, bytes_total = 0;
-    sqlite3_stmt *scan = s->st[ST_CLAIM_SCAN];
+    sqlite3_stmt *scan = s->st[newest ? ST_CLAIM_SCAN_NEWEST : ST_CLAIM_SCAN];
     sqlite3_stmt *get = s->st[ST_SEG_DATA];
     int ret = CIS_OK;
     int rc;
@@ -2140,7 +2159,7 @@ int agent_spool_claim(struct agent_spool *s, size_t max_records, size_t max_byte
         }
         if (cnt > 0 && (recs_total >= max_records || (size_t)rcount > max_records - recs_total ||
                         bytes_total >= max_bytes || (size_t)dlen > max_bytes - bytes_total))
-            break; /* never skip ahead: order is oldest first within a class */
+            break; /* never skip ahead: order is oldest (or newest) first within a class */
 
         sqlite3_bind_int64(get, 1, (sqlite3_int64)first);
         rc = sqlite3_step(get);

@@ -134,6 +134,14 @@ int agent_spool_claim(struct agent_spool *s, size_t max_records, size_t max_byte
  * comes back on use). */
 void agent_spool_release_memory(struct agent_spool *s);
 
+/* The same from the other end: the newest pending segments of the highest class pending,
+ * descending (then the next class's), stopping likewise at the first that does not fit, in the
+ * order read (a batch's segments need not be in seq order: the header spans them).
+ * The forwarder uses it for one batch at a time during a backlog, so live records do not wait
+ * for the whole backlog to drain (DESIGN.md §2, "Backlog"). */
+int agent_spool_claim_newest(struct agent_spool *s, size_t max_records, size_t max_bytes,
+                             struct agent_spool_seg **out, size_t *n);
+
 /* Free an array from agent_spool_claim(). Accepts NULL. Does not change in-flight state. */
 void agent_spool_segs_free(struct agent_spool_seg *segs, size_t n);
 

@@ -306,6 +306,43 @@ static void test_claim_order(void **state)
     agent_spool_close(s);
 }
 
+/* The backlog share: newest first within the highest class pending, then the next class,
+ * stopping at the first that does not fit; oldest-first claims then skip what it took. */
+static void test_claim_newest(void **state)
+{
+    struct fx *f = *state;
+    struct agent_spool *s = sp_open(f->path);
+    for (int i = 0; i < 5; i++)
+        assert_int_equal(commit_n(s, 10, CIS_PRIO_NORMAL), 1 + 10 * (uint64_t)i); /* 1..50 */
+    assert_int_equal(commit_n(s, 10, CIS_PRIO_LOW), 51);                          /* 51..60 */
+
+    struct agent_spool_seg *g = NULL;
+    size_t n = 0;
+    assert_int_equal(agent_spool_claim_newest(s, 25, SIZE_MAX, &g, &n), 0);
+    assert_int_equal(n, 2); /* 41 and 31 fit, 21 would not */
+    assert_int_equal(g[0].seg.first_seq, 41);
+    assert_int_equal(g[1].seg.first_seq, 31);
+    assert_int_equal(g[0].seg.priority, CIS_PRIO_NORMAL);
+    agent_spool_segs_free(g, n);
+
+    assert_int_equal(agent_spool_claim(s, 25, SIZE_MAX, &g, &n), 0);
+    assert_int_equal(n, 2); /* oldest first: 1, 11 */
+    assert_int_equal(g[0].seg.first_seq, 1);
+    assert_int_equal(g[1].seg.first_seq, 11);
+    agent_spool_segs_free(g, n);
+
+    assert_int_equal(agent_spool_claim_newest(s, 100, SIZE_MAX, &g, &n), 0);
+    assert_int_equal(n, 2); /* 21 is the last normal one left; then the low class's 51 */
+    assert_int_equal(g[0].seg.first_seq, 21);
+    assert_int_equal(g[1].seg.first_seq, 51);
+    agent_spool_segs_free(g, n);
+
+    assert_int_equal(agent_spool_claim_newest(s, 100, SIZE_MAX, &g, &n), 0);
+    assert_int_equal(n, 0); /* everything is in flight */
+    assert_null(g);
+    agent_spool_close(s);
+}
+
 static void test_claim_limits(void **state)
 {
     struct fx *f = *state;
@@ -2433,6 +2470,7 @@ int main(void)
         T(test_seq_never_reused),
         T(test_epoch),
         T(test_claim_order),
+        T(test_claim_newest),
         T(test_claim_limits),
         T(test_inflight_not_reclaimed_until_released),
         T(test_inflight_pending_after_reopen),
