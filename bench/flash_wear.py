@@ -465,6 +465,13 @@ def main():
         print("runs %s %s: %s" % (k[0], k[1], " / ".join("%.3f" % r["per_payload_byte"]
                                                           for r in results[k])))
     print("full run took %.0f s" % elapsed)
+    # For bench/run.sh: one line per figure; ratio = agent / baseline of the same sync level.
+    for k in sorted(med):
+        if k[1] == "baseline":
+            print("RESULT B5 baseline_%s_bytes_per_payload_byte %.3f" % (k[0], med[k]))
+        else:
+            print("RESULT B5 agent_%s_%s_bytes_per_payload_byte %.3f ratio=%.2f"
+                  % (k[0], k[1], med[k], med[k] / med[(k[0], "baseline")]))
     return 0
 
 
