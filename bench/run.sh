@@ -15,7 +15,7 @@
 #   B7 bench/cpu_cost.py      instructions per record (callgrind)
 #   -- bench/sign_cost        what signing and verifying a batch costs
 # Everything a benchmark prints goes to DIR/bench-report.txt; the RESULT lines are repeated
-# at the end. A full run takes about 25 minutes on a 2-core machine. Nothing here asserts a
+# at the end. A full run takes about 15 minutes on a 2-core machine. Nothing here asserts a
 # time: a benchmark fails only when a process fails or a record is missing.
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
