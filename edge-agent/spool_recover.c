@@ -872,9 +872,22 @@ int agent_spool_open_checked(const struct agent_spool_opts *o, struct agent_spoo
         corrupt = 1;
         wal_lost = 1;
     } else {
+        /* recover__wal_lost() reads the open mark from the database; a damaged file may not
+         * give it. A WAL that is itself damaged lost its commits whatever the mark says, and
+         * the ledger entry must not claim to count them (chaos c6: a truncated database beside
+         * a -wal of random bytes). Looked at before quick_check, whose SQLite connection would
+         * reset a WAL with a bad header. */
+        char walwhy[RECOVER_WHY_LEN];
+        int wal_bad = has_wal && recover__wal_damaged(nm->wal, has_shm ? nm->shm : NULL, walwhy,
+                                                      sizeof(walwhy));
         corrupt = recover__quick_check(real, why, sizeof(why));
         if (corrupt && !recover__wal_has_frames(nm->wal))
             recover__explain_truncation(real, sb.st_size, why, sizeof(why));
+        if (corrupt && wal_bad) {
+            size_t n = strlen(why);
+            snprintf(why + n, sizeof(why) - n, "; %s", walwhy);
+            wal_lost = 1;
+        }
     }
 
     if (!corrupt && !resume) {
