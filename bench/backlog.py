@@ -6,7 +6,7 @@ never under CISTERN_TEST_WRAPPER), on loopback with mTLS over HTTPS:
 
   quiet (B4, and B6's baseline): the agent starts with its receiver down; 1 s later it is
       sampled idle with an empty spool (the floor: the same binary with the same libraries
-      mapped, doing nothing). Then --backlog records (e2e.py's ~100-byte payload) are
+      mapped, doing nothing). Then --backlog records (e2e.py's 100-byte payload) are
       pipelined into its TCP socket input and every "OK" is awaited (fill); the receiver is
       started and the backlog drains (drain); once the agent's spool is empty it is sampled
       for 10 s more (idle: the median of the last 5 s). /proc/<pid>/status (VmRSS, RssAnon,
@@ -208,9 +208,9 @@ def fill(port, n, alive):
 
 
 def live_payload(k):
-    # a distinct marker ("live"), the same ~100-byte size as the backlog's records
+    # a distinct marker ("live"), the same 100-byte size as the backlog's records
     return (b'{"live":%09d,"sensor":"s-live","temp_c":21.50,"humidity":45.0,'
-            b'"pad":"xxxxxxxxxxxxxxxxxxxxxx"}' % k)
+            b'"pad":"xxxxxxxxxxxxxxxxxxxxxxxx"}' % k)
 
 
 LIVE_RX = re.compile(rb'^\{"live":(\d{9}),')
@@ -608,7 +608,7 @@ def main():
     do_mem = args.only in (None, "memory")
     do_drain = args.only in (None, "drain")
     n = args.backlog
-    print("backlog %d records (~100 B); live feed %d rec/s in bursts of %d every %.0f ms; "
+    print("backlog %d records (100 B); live feed %d rec/s in bursts of %d every %.0f ms; "
           "store polled every %.0f ms; memory sampled every %.0f ms" % (
               n, LIVE_RATE, LIVE_BURST, 1000.0 * LIVE_BURST / LIVE_RATE, POLL_S * 1000,
               SAMPLE_S * 1000), flush=True)

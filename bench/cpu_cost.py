@@ -5,7 +5,7 @@ The agent runs under `valgrind --tool=callgrind` (or `perf stat`, --tool perf, w
 machine's PMU counts instructions) through the harness (Harness.add_proc wrapper=), with a
 real receiver run bare, on loopback with mTLS over HTTPS:
 
-  e2e:     --records records (e2e.py's ~100-byte payload) are pipelined into the agent's TCP
+  e2e:     --records records (e2e.py's 100-byte payload) are pipelined into the agent's TCP
            socket input; every "OK" is awaited, every record must be stored at the receiver
            and the agent's spool must be empty (every segment acknowledged and deleted); then
            the agent is stopped (SIGTERM) and its instructions, all threads, are read from
@@ -280,7 +280,7 @@ def main():
     except BenchError as e:
         sys.exit("cpu_cost.py: %s" % e)
     unit = "instructions" if args.tool == "callgrind" else args.perf_event
-    print("B7: %d records (~100 B) under %s, counting %s; agent: spool defaults, harness "
+    print("B7: %d records (100 B) under %s, counting %s; agent: spool defaults, harness "
           "forward settings, HTTPS to a bare receiver" % (n, tool.name, tool.event), flush=True)
     base, e2e, ing = [], [], []
     try:

@@ -53,14 +53,14 @@ static int parse_long(const char *s, long min, long *out)
     return errno == 0 && end != s && *end == '\0' && *out >= min ? 0 : -1;
 }
 
-/* The ~100-byte (84) JSON sensor record of record i, as bench/e2e.py payload(),
+/* The 100-byte JSON sensor record of record i, as bench/e2e.py payload(),
  * bench/baseline_sqlite.c and bench/mqtt_pubsub.c make it: keep them in sync (bench/e2e.py
  * checks feed's). Returns its length. */
 static int payload(char *buf, size_t cap, long i)
 {
     return snprintf(buf, cap,
                     "{\"sensor\":\"s-%03ld\",\"n\":%09ld,\"temp_c\":%5.2f,\"humidity\":%4.1f,"
-                    "\"pad\":\"xxxxxxxxxxxx\"}",
+                    "\"pad\":\"xxxxxxxxxxxxxxxxxxxxxxxxxxxx\"}",
                     i % 64, i, 18.0 + (double)(i % 800) / 100.0, 40.0 + (double)(i % 300) / 10.0);
 }
 

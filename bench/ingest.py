@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""B1: agent ingest. bench/feed pipelines ~100-byte (84) JSON sensor records into the agent's
+"""B1: agent ingest. bench/feed pipelines 100-byte JSON sensor records into the agent's
 TCP socket input (answers read concurrently, each must be "OK <seq>"); the agent commits them to
 its spool at spool.sync normal and full. No receiver is reachable (forward.url names a
 loopback port nobody listens on), so the spool only grows: this is ingest alone.

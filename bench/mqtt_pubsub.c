@@ -81,7 +81,7 @@ static int payload(char *buf, size_t cap, long i)
 {
     return snprintf(buf, cap,
                     "{\"sensor\":\"s-%03ld\",\"n\":%09ld,\"temp_c\":%5.2f,\"humidity\":%4.1f,"
-                    "\"pad\":\"xxxxxxxxxxxx\"}",
+                    "\"pad\":\"xxxxxxxxxxxxxxxxxxxxxxxxxxxx\"}",
                     i % 64, i, 18.0 + (double)(i % 800) / 100.0, 40.0 + (double)(i % 300) / 10.0);
 }
 
