@@ -107,11 +107,7 @@ void cis_seg_encoder_trim(struct cis_seg_encoder *e)
 
 void cis_seg_encoder_destroy(struct cis_seg_encoder *e)
 {
-    if (!e)
-        return;
-    ZSTD_freeCCtx(e->cctx);
-    free(e->raw);
-    free(e->z);
+    cis_seg_encoder_trim(e); /* its context and buffers; NULL is fine */
     free(e);
 }
 

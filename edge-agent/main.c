@@ -208,9 +208,9 @@ int agent_ingest_submit_stream(struct agent *a, const struct agent_input_cfg *sr
         memcpy(a->arena + a->arena_len + len, stream, slen);
     if (a->nrecs == 0)
         a->oldest_mono = cis_mono_ms();
+    int64_t ts_ms = a->turn_wall_ms ? a->turn_wall_ms : cis_wall_ms();
     a->recs[a->nrecs++] = (struct ingest_rec){.off = a->arena_len, .len = len, .src = src,
-                                              .has_stream = slen != 0,
-                                              .ts_ms = a->turn_wall_ms ? a->turn_wall_ms : cis_wall_ms(),
+                                              .has_stream = slen != 0, .ts_ms = ts_ms,
                                               .ack = ack, .ctx = ctx,
                                               .token = token};
     a->arena_len += need;
