@@ -1440,9 +1440,10 @@ static int64_t mqtt_tick(void *t, int64_t now)
 /* Hand the batch at the head of the queue to Paho, unless a PUBLISH is still waiting for its
  * PUBACK. One at a time, because of Paho 1.3.12: when the write of a QoS 1 PUBLISH fails, its
  * client keeps freed memory and must be set aside for good (see client_close), a leak of a few
- * KiB. A write fails only on a connection that the broker has already reset, that is, after
- * something was written to it after the broker went away. With one PUBLISH at a time, the
- * PUBLISH written into a dead connection gets no PUBACK, so no second one follows it there. */
+ * KiB. A write fails on a connection that the broker reset before Paho's reader noticed (it
+ * went away after something was written to it, or was killed with bytes of ours unread). With
+ * one PUBLISH at a time, fewer writes meet that moment, and the PUBLISH that meets it gets no
+ * PUBACK, so no second one follows it there (docs/protocol.md has the measured rates). */
 static void publish_next(struct mqtt *h)
 {
     while (!h->pub_busy && h->queue && h->state == ST_UP) {
