@@ -636,6 +636,7 @@ int main(int argc, char **argv)
             .max_size = a.cfg.spool_max_size,
             .reject_new = a.cfg.when_full == AGENT_WHEN_FULL_REJECT_NEW,
             .wal_max_size = a.cfg.wal_max_size,
+            .seg_max_records = (uint64_t)a.cfg.batch_max_records,
             .seal = a.seal,
         };
         rc = agent_spool_open_checked(&a.spool_opts, &a.spool, NULL, err, sizeof(err));

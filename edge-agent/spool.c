@@ -225,6 +225,7 @@ struct agent_spool {
     /* Size bound (see the top of the file); bytes, 0 / UINT64_MAX when unbounded. */
     uint64_t max_size, db_budget_pages, wal_cap, wal_ckpt, wal_max;
     uint64_t seg_max; /* records of a group beyond this many bytes start another segment */
+    uint64_t seg_max_records; /* and beyond this many records; UINT64_MAX: no bound */
     int reject_new;
     int incremental; /* auto_vacuum = INCREMENTAL: the file can be shrunk */
     uint32_t page_size;
@@ -895,6 +896,7 @@ static uint64_t spool__pages_for(const struct agent_spool *s, size_t len, uint64
 static void spool__limits(struct agent_spool *s, const struct agent_spool_opts *o)
 {
     s->wal_max = o->wal_max_size ? o->wal_max_size : SPOOL_WAL_MAX_DEFAULT;
+    s->seg_max_records = o->seg_max_records ? o->seg_max_records : UINT64_MAX;
     s->max_size = o->max_size;
     s->reject_new = o->reject_new;
     if (!s->max_size) {
@@ -1828,8 +1830,9 @@ int agent_spool_commit(struct agent_spool *s, struct cis_record *recs, const uin
     }
 
     /* Each group is one segment, or several consecutive ones when its records pass seg_max
-     * (only when a commit is large next to max_size): eviction then frees space in steps small
-     * enough for the size bound. Parts come out in seq order. */
+     * (only when a commit is large next to max_size: eviction then frees space in steps small
+     * enough for the size bound) or number more than seg_max_records (a batch takes whole
+     * segments). Parts come out in seq order. */
     struct spool_names names = {0};
     for (uint32_t c = 0; c < CIS_PRIO_COUNT; c++)
         for (size_t g = 0; g < ngrp; g++) {
@@ -1839,7 +1842,8 @@ int agent_spool_commit(struct agent_spool *s, struct cis_record *recs, const uin
             for (size_t i = grp[g].start; i < grp[g].start + grp[g].cnt; i++) {
                 size_t rb = spool__rec_bytes(&work[i], &names);
                 struct spool_part *pt = npart ? &part[npart - 1] : NULL;
-                if (!pt || i == grp[g].start || bytes + rb > s->seg_max) {
+                if (!pt || i == grp[g].start || bytes + rb > s->seg_max ||
+                    pt->cnt >= s->seg_max_records) {
                     arr = part;
                     ret = spool__room(&arr, npart, &cappart, sizeof(*part));
                     part = arr;

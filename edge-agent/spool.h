@@ -40,6 +40,9 @@ struct agent_spool_opts {
     int reject_new;        /* when a commit does not fit in max_size: 0 evicts (drop_oldest),
                             * 1 fails the commit with CIS_EFULL (reject_new) */
     uint64_t wal_max_size; /* the WAL file never grows past this; 0: 64 MiB */
+    uint64_t seg_max_records; /* a commit's group of more records than this is stored as
+                               * several segments, so that a batch of whole segments can keep
+                               * to forward.batch.max_records; 0: no bound */
     const struct agent_seal *seal; /* NULL: blobs stored plain. Borrowed; outlives the spool */
 };
 

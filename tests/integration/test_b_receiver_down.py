@@ -3,7 +3,10 @@
 receiver comes up the spool drains and every record is stored exactly once.
 
 Phase 1: agent started with no receiver listening; 3,000 records -> all OK, spool segments
-> 0, nothing stored. Receiver started -> segments table empty, all stored exactly once.
+> 0, nothing stored. forward.batch.max_records is 500, spool.commit_max_records 3000 and
+commit_interval 2s, so a commit holds up to 3,000 records: each stored segment must still hold
+at most 500 (a batch carries whole segments).
+Receiver started -> segments table empty, all stored exactly once.
 Phase 2: receiver stopped with SIGTERM (must exit 0); 2,000 more records -> all OK, spool
 grows again; receiver restarted on the same store -> drained, all 5,000 exactly once."""
 import json
@@ -31,7 +34,9 @@ def send_batch(agent, tag, n):
 
 def main(h):
     recv = h.receiver()          # configured (port chosen) but not started
-    agent = h.agent("agent", AGENT_ID, recv).start()
+    agent = h.agent("agent", AGENT_ID, recv,
+                    extra={"spool": {"commit_max_records": 3000, "commit_interval": "2s"},
+                           "forward": {"batch": {"max_records": 500}}}).start()
 
     acked, sent = send_batch(agent, "offline-1", 3000)
     h.wait(lambda: agent.pending_records() == 3000, timeout=60,
@@ -42,6 +47,9 @@ def main(h):
              "pending records changed to %d with no receiver" % agent.pending_records())
     ch.log("receiver down: %d segments / %d records pending" % (agent.segment_count(),
                                                                 agent.pending_records()))
+    biggest = agent._q("SELECT max(record_count) FROM segments")[0][0]
+    ch.check(biggest <= 500, "a stored segment holds %d records, more than "
+             "forward.batch.max_records (500)" % biggest)
 
     recv.start()
     h.wait(lambda: agent.segment_count() == 0, timeout=120,

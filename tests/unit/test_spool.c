@@ -343,6 +343,45 @@ static void test_claim_newest(void **state)
     agent_spool_close(s);
 }
 
+/* seg_max_records: a commit of 16 records in one class, with a bound of 6, is stored as
+ * segments of 6, 6 and 4 in seq order, and a claim of at most 6 records takes exactly one. */
+static void test_seg_max_records(void **state)
+{
+    struct fx *f = *state;
+    struct agent_spool_opts o = {.path = f->path, .zstd_level = 3, .seg_max_records = 6};
+    struct agent_spool *s = NULL;
+    char err[256] = "";
+    assert_int_equal(agent_spool_open(&o, &s, err, sizeof(err)), 0);
+    assert_int_equal(commit_n(s, 16, CIS_PRIO_NORMAL), 1);
+
+    struct agent_spool_seg *g = NULL;
+    size_t n = 0;
+    assert_int_equal(agent_spool_claim(s, 6, SIZE_MAX, &g, &n), 0);
+    assert_int_equal(n, 1);
+    assert_int_equal(g[0].seg.first_seq, 1);
+    assert_int_equal(g[0].seg.record_count, 6);
+    agent_spool_segs_free(g, n);
+    assert_int_equal(agent_spool_claim(s, SIZE_MAX, SIZE_MAX, &g, &n), 0);
+    assert_int_equal(n, 2);
+    assert_int_equal(g[0].seg.first_seq, 7);
+    assert_int_equal(g[0].seg.record_count, 6);
+    assert_int_equal(g[1].seg.first_seq, 13);
+    assert_int_equal(g[1].seg.record_count, 4);
+    agent_spool_segs_free(g, n);
+    agent_spool_close(s);
+
+    /* Without the bound the same commit is one segment. */
+    char plain[160];
+    snprintf(plain, sizeof(plain), "%s/plain.db", f->dir);
+    s = sp_open(plain);
+    assert_int_equal(commit_n(s, 16, CIS_PRIO_NORMAL), 1);
+    assert_int_equal(agent_spool_claim(s, 6, SIZE_MAX, &g, &n), 0);
+    assert_int_equal(n, 1);
+    assert_int_equal(g[0].seg.record_count, 16);
+    agent_spool_segs_free(g, n);
+    agent_spool_close(s);
+}
+
 static void test_claim_limits(void **state)
 {
     struct fx *f = *state;
@@ -2471,6 +2510,7 @@ int main(void)
         T(test_epoch),
         T(test_claim_order),
         T(test_claim_newest),
+        T(test_seg_max_records),
         T(test_claim_limits),
         T(test_inflight_not_reclaimed_until_released),
         T(test_inflight_pending_after_reopen),
