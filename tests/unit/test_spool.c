@@ -65,17 +65,23 @@ static int fx_teardown(void **state)
     return 0;
 }
 
-static struct agent_spool *sp_open(const char *path)
+/* Open with O, which must succeed. */
+static struct agent_spool *sp_open_with(const struct agent_spool_opts *o)
 {
-    struct agent_spool_opts o = {.path = path, .sync_full = 0, .zstd_level = 3};
     struct agent_spool *s = NULL;
     char err[256] = "";
-    int rc = agent_spool_open(&o, &s, err, sizeof(err));
+    int rc = agent_spool_open(o, &s, err, sizeof(err));
     if (rc)
         fprintf(stderr, "open failed: %d %s\n", rc, err);
     assert_int_equal(rc, 0);
     assert_non_null(s);
     return s;
+}
+
+static struct agent_spool *sp_open(const char *path)
+{
+    struct agent_spool_opts o = {.path = path, .sync_full = 0, .zstd_level = 3};
+    return sp_open_with(&o);
 }
 
 /* An external connection, as a test or a `status` command would open it. */
@@ -349,9 +355,7 @@ static void test_seg_max_records(void **state)
 {
     struct fx *f = *state;
     struct agent_spool_opts o = {.path = f->path, .zstd_level = 3, .seg_max_records = 6};
-    struct agent_spool *s = NULL;
-    char err[256] = "";
-    assert_int_equal(agent_spool_open(&o, &s, err, sizeof(err)), 0);
+    struct agent_spool *s = sp_open_with(&o);
     assert_int_equal(commit_n(s, 16, CIS_PRIO_NORMAL), 1);
 
     struct agent_spool_seg *g = NULL;
@@ -1027,14 +1031,7 @@ static struct agent_spool *sp_open_opts(const char *path, uint64_t max_size, int
                                  .reject_new = reject_new,
                                  .wal_max_size = wal_max,
                                  .seal = seal};
-    struct agent_spool *s = NULL;
-    char err[256] = "";
-    int rc = agent_spool_open(&o, &s, err, sizeof(err));
-    if (rc)
-        fprintf(stderr, "open failed: %d %s\n", rc, err);
-    assert_int_equal(rc, 0);
-    assert_non_null(s);
-    return s;
+    return sp_open_with(&o);
 }
 
 static uint64_t file_size(const char *path)
