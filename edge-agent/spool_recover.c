@@ -516,9 +516,10 @@ static int64_t recover__open_mark(const char *path)
 /* After an unclean stop, did the WAL lose commits? Either it is gone (the mark is in the file,
  * which the agent puts there only after the WAL's name was synced), or, for a stop in this boot,
  * it is shorter or other than the -shm says (recover__wal_damaged()). A stop in an earlier boot
- * may be a power cut, whose loss SQLite's own recovery handles. Returns 1 with WHY filled. */
+ * may be a power cut, whose loss SQLite's own recovery handles. Returns 1 with WHY filled.
+ * *WAL_CHECKED is set to 1 when it looked at the WAL and found it intact. */
 static int recover__wal_lost(const char *path, const struct recover_names *nm, int has_wal,
-                             int has_shm, char *why, size_t whylen)
+                             int has_shm, char *why, size_t whylen, int *wal_checked)
 {
     int64_t mark = recover__open_mark(path);
     if (mark <= 0)
@@ -532,7 +533,10 @@ static int recover__wal_lost(const char *path, const struct recover_names *nm, i
     int64_t now = agent_spool_boot_mark();
     if (mark == 1 || mark != now)
         return 0;
-    return recover__wal_damaged(nm->wal, has_shm ? nm->shm : NULL, why, whylen);
+    if (recover__wal_damaged(nm->wal, has_shm ? nm->shm : NULL, why, whylen))
+        return 1;
+    *wal_checked = 1;
+    return 0;
 }
 
 /* What could be read of a corrupt spool. */
@@ -839,6 +843,7 @@ int agent_spool_open_checked(const struct agent_spool_opts *o, struct agent_spoo
     }
     int has_wal = recover__exists(nm->wal) == 1;
     int has_shm = recover__exists(nm->shm) == 1;
+    int wal_checked = 0; /* recover__wal_lost() found the WAL intact */
 
     if (recover__find_interrupted(nm, &sb)) {
         resume = 1;
@@ -867,7 +872,7 @@ int agent_spool_open_checked(const struct agent_spool_opts *o, struct agent_spoo
                  "WAL deleted: records committed since the last checkpoint are lost");
         corrupt = 1;
         wal_lost = 1;
-    } else if (recover__wal_lost(real, nm, has_wal, has_shm, why, sizeof(why))) {
+    } else if (recover__wal_lost(real, nm, has_wal, has_shm, why, sizeof(why), &wal_checked)) {
         /* As above: SQLite would go on without the lost commits, and hand their seqs out again. */
         corrupt = 1;
         wal_lost = 1;
@@ -876,10 +881,12 @@ int agent_spool_open_checked(const struct agent_spool_opts *o, struct agent_spoo
          * give it. A WAL that is itself damaged lost its commits whatever the mark says, and
          * the ledger entry must not claim to count them (chaos c6: a truncated database beside
          * a -wal of random bytes). Looked at before quick_check, whose SQLite connection would
-         * reset a WAL with a bad header. */
+         * reset a WAL with a bad header. Not twice: recover__wal_lost() may have found it
+         * intact already. */
         char walwhy[RECOVER_WHY_LEN];
-        int wal_bad = has_wal && recover__wal_damaged(nm->wal, has_shm ? nm->shm : NULL, walwhy,
-                                                      sizeof(walwhy));
+        int wal_bad =
+            has_wal && !wal_checked &&
+            recover__wal_damaged(nm->wal, has_shm ? nm->shm : NULL, walwhy, sizeof(walwhy));
         corrupt = recover__quick_check(real, why, sizeof(why));
         if (corrupt && !recover__wal_has_frames(nm->wal))
             recover__explain_truncation(real, sb.st_size, why, sizeof(why));
