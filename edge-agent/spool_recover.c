@@ -601,6 +601,20 @@ static void recover__salvage(const char *path, int has_wal, struct recover_info 
             ri->have_min = 1;
         }
     }
+    /* min() on the key follows the tree's leftmost path alone: right when the damage is
+     * elsewhere, but two swapped pages lead it to another leaf, above records still there,
+     * which would then be lost without a ledger entry. So the table itself is scanned too (NOT
+     * INDEXED: not the segments_prio index that covers first_seq), and the least seq of any row
+     * it reads lowers the answer, as far as the scan gets before damage stops it. */
+    sqlite3_finalize(st);
+    st = NULL;
+    if (ri->sv.min_pending_seq > 0 &&
+        sqlite3_prepare_v2(db, "SELECT first_seq FROM segments NOT INDEXED", -1, &st, NULL) ==
+            SQLITE_OK)
+        while (sqlite3_step(st) == SQLITE_ROW)
+            if (sqlite3_column_type(st, 0) == SQLITE_INTEGER && sqlite3_column_int64(st, 0) > 0 &&
+                (uint64_t)sqlite3_column_int64(st, 0) < ri->sv.min_pending_seq)
+                ri->sv.min_pending_seq = (uint64_t)sqlite3_column_int64(st, 0);
 
 out:
     sqlite3_finalize(st);
